@@ -1,0 +1,2 @@
+"""Imports every family module so that their `@register` calls run. Add one line per family."""
+import zoo.transformer  # noqa: F401

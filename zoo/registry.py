@@ -1,0 +1,110 @@
+"""Name-based model registry. Each family registers its variants next to their code:
+
+    @register("transformer", config=TransformerConfig, conformance=ConformanceSpec(...))
+    def build_transformer(cfg: TransformerConfig, rngs: nnx.Rngs) -> CausalLM: ...
+
+`zoo.build(name, cfg, rngs)`; `zoo.names()`; `zoo.make_config(name, overrides)` turns a mapping
+(e.g. an ml_collections section) into the typed config, naming any unknown key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from flax import nnx
+
+
+@dataclass(frozen=True)
+class ConformanceSpec:
+    """What the shared conformance suite needs to check a model (tests/test_conformance.py).
+
+    config: a tiny config instance. length: the test sequence length (choose one that is not a
+    multiple of any chunk or block). cuts: prefill cut points (inside and at chunk edges).
+    impls: config overrides whose forward must equal `reference` (a dict of overrides, e.g.
+    {"impl": "reference"}) against each fast override in `fast`.
+    """
+    config: Any
+    length: int = 13
+    cuts: tuple[int, ...] = (1, 5, 12)
+    reference: Mapping[str, Any] = field(default_factory=dict)
+    fast: tuple[Mapping[str, Any], ...] = ()
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    decode: bool = True          # token-by-token decode equality applies
+    check_margins: Callable | None = None  # (model, tokens) -> None; asserts decision margins
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    config_cls: type
+    build: Callable[[Any, nnx.Rngs], nnx.Module]
+    causal: bool = True
+    resets: bool = True
+    max_len: Callable[[Any], int | None] = lambda cfg: None
+    param_count: Callable[[Any], int] | None = None
+    conformance: ConformanceSpec | None = None
+    family: str = ""
+
+
+_REGISTRY: dict[str, Entry] = {}
+
+
+def register(name: str, *, config: type, causal: bool = True, resets: bool = True,
+             max_len: Callable[[Any], int | None] | None = None,
+             param_count: Callable[[Any], int] | None = None,
+             conformance: ConformanceSpec | None = None):
+    """Decorator registering `build(cfg, rngs) -> model` under `name`."""
+    def deco(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = Entry(name=name, config_cls=config, build=fn, causal=causal,
+                                resets=resets, max_len=max_len or (lambda cfg: None),
+                                param_count=param_count, conformance=conformance,
+                                family=fn.__module__.rsplit(".", 1)[-1])
+        return fn
+    return deco
+
+
+def _load_all() -> None:
+    import zoo.families  # noqa: F401  (imports every family module)
+
+
+def names() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Entry:
+    _load_all()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def make_config(name: str, overrides: Mapping[str, Any] | None = None, *, prefix: str = "model"):
+    """The typed config of model `name` with `overrides`; unknown keys fail naming the key."""
+    entry = get(name)
+    known = {f.name for f in dataclasses.fields(entry.config_cls)}
+    overrides = dict(overrides or {})
+    for key in overrides:
+        if key not in known:
+            raise ValueError(f"unknown config key {prefix}.{key} for model {name!r} "
+                             f"(known: {', '.join(sorted(known))})")
+    cfg = entry.config_cls(**overrides)
+    validate = getattr(cfg, "validate", None)
+    if validate is not None:
+        validate()
+    return cfg
+
+
+def build(name: str, cfg: Any = None, rngs: nnx.Rngs | int = 0) -> nnx.Module:
+    entry = get(name)
+    if cfg is None:
+        cfg = entry.config_cls()
+    elif isinstance(cfg, Mapping):
+        cfg = make_config(name, cfg)
+    if isinstance(rngs, int):
+        rngs = nnx.Rngs(params=rngs)
+    return entry.build(cfg, rngs)

@@ -1,0 +1,202 @@
+"""Decoder-only Transformer baseline (specs/transformer.md): the Llama-style default and the
+seed papers' presets (`rat_attention`, `gam_transformer`, `zoology_attention`).
+
+Registered as "transformer". Presets are functions returning a `TransformerConfig`:
+`PRESETS["llama_small"]()` etc. Choices: q/k/v are separate projections in every preset (a fused
+projection is the same function; only checkpoint layouts differ); masks are hard (Zoology's
+additive -10000 gives exp(-10000) = 0 in float32 as well).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from flax import nnx
+
+from layers.attention import Attention
+from layers.embed import Embed, LearnedPositions
+from layers.linear import Dense
+from layers.mlp import GeluMLP, SwiGLU, llama_ffn_dim
+from layers.norms import make_norm
+from zoo.lm import Block, CausalLM
+from zoo.registry import ConformanceSpec, register
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int = 256
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None       # None: = n_heads (MHA)
+    head_dim: int | None = None         # None: dim // n_heads
+    ffn: str = "swiglu"                 # swiglu | gelu | none
+    ffn_dim: int | None = None          # None: Llama sizing (swiglu, multiple of 64) or 4*dim (gelu)
+    norm: str = "rms"                   # rms | layer
+    norm_eps: float = 1e-5
+    rope_base: float | None = 10000.0   # None: no RoPE
+    pos_embed: str = "none"             # none | learned
+    max_len: int = 2048                 # KV-cache length; the hard limit with learned positions
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    init: str = "normal"                # normal (std init_std) | torch (PyTorch defaults, GAM)
+    init_std: float = 0.02
+    depth_scaled_init: bool = False     # W_o, W_2 with std init_std / sqrt(2 n_layers)
+    window: int | None = None           # sliding window W (W + 1 keys) on the windowed layers
+    window_layers: str = "all"          # all | odd (RAT's Attention-SWA: odd layers windowed)
+    embed_dropout: float = 0.0
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    attn_impl: str = "auto"             # auto | reference | chunked | pallas | pallas_interpret
+    attn_block: int = 128
+    compute_dtype: str = "float32"
+    remat: str = "none"
+
+    def validate(self):
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={kv}")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        for key, val, ok in (("ffn", self.ffn, ("swiglu", "gelu", "none")),
+                             ("norm", self.norm, ("rms", "layer")),
+                             ("pos_embed", self.pos_embed, ("none", "learned")),
+                             ("window_layers", self.window_layers, ("all", "odd")),
+                             ("init", self.init, ("normal", "torch"))):
+            if val not in ok:
+                raise ValueError(f"model.{key}={val!r} is not one of {ok}")
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def kv(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def d_ff(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        if self.ffn == "swiglu":
+            return llama_ffn_dim(self.dim, 256 if self.dim >= 512 else 64)
+        return 4 * self.dim
+
+    def layer_window(self, i: int) -> int | None:
+        if self.window is None:
+            return None
+        return self.window if (self.window_layers == "all" or i % 2 == 1) else None
+
+
+def build_block(cfg: TransformerConfig, i: int, rngs: nnx.Rngs) -> Block:
+    out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5 if cfg.depth_scaled_init else cfg.init_std
+    attn = Attention(cfg.dim, cfg.n_heads, cfg.kv, cfg.hd, rngs=rngs, rope_base=cfg.rope_base,
+                     window=cfg.layer_window(i), max_len=cfg.max_len, qkv_bias=cfg.qkv_bias,
+                     out_bias=cfg.out_bias, init=cfg.init, std=cfg.init_std, out_std=out_std,
+                     attn_dropout=cfg.attn_dropout, impl=cfg.attn_impl, block_k=cfg.attn_block)
+    ffn = None
+    if cfg.ffn == "swiglu":
+        ffn = SwiGLU(cfg.dim, cfg.d_ff, rngs=rngs, std=cfg.init_std, out_std=out_std)
+    elif cfg.ffn == "gelu":
+        ffn = GeluMLP(cfg.dim, cfg.d_ff, rngs=rngs, use_bias=cfg.mlp_bias, init=cfg.init,
+                      std=cfg.init_std, out_std=out_std)
+    norm2 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if ffn is not None else None
+    return Block(attn, make_norm(cfg.norm, cfg.dim, cfg.norm_eps), ffn, norm2,
+                 resid_dropout=cfg.resid_dropout)
+
+
+def transformer_max_len(cfg: TransformerConfig) -> int | None:
+    return cfg.max_len if cfg.pos_embed == "learned" else None
+
+
+def transformer_param_count(cfg: TransformerConfig) -> int:
+    """Documented formula (specs/transformer.md §6.8, generalised to biases and LayerNorm)."""
+    D, H, Hkv, dh, F, V = cfg.dim, cfg.n_heads, cfg.kv, cfg.hd, cfg.d_ff, cfg.vocab_size
+    norm = D if cfg.norm == "rms" else 2 * D
+    attn = D * (H + 2 * Hkv) * dh + H * dh * D
+    attn += ((H + 2 * Hkv) * dh if cfg.qkv_bias else 0) + (D if cfg.out_bias else 0)
+    if cfg.ffn == "swiglu":
+        ffn = 3 * D * F
+    elif cfg.ffn == "gelu":
+        ffn = 2 * D * F + ((F + D) if cfg.mlp_bias else 0)
+    else:
+        ffn = 0
+    block = attn + ffn + norm * (2 if cfg.ffn != "none" else 1)
+    emb = V * D * (1 if cfg.tie_embeddings else 2)
+    pos = cfg.max_len * D if cfg.pos_embed == "learned" else 0
+    return emb + pos + cfg.n_layers * block + norm
+
+
+@register("transformer", config=TransformerConfig, max_len=transformer_max_len,
+          param_count=transformer_param_count,
+          conformance=ConformanceSpec(
+              config=TransformerConfig(vocab_size=37, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                       window=6, window_layers="odd", max_len=64, init_std=0.1),
+              length=13, cuts=(1, 6, 7, 12),
+              reference={"attn_impl": "reference"},
+              fast=({"attn_impl": "chunked", "attn_block": 4},)))
+def build_transformer(cfg: TransformerConfig, rngs: nnx.Rngs) -> CausalLM:
+    cfg.validate()
+    init = "normal" if cfg.init == "normal" else "torch_linear"
+    embed = Embed(cfg.vocab_size, cfg.dim, rngs=rngs, init=init, std=cfg.init_std)
+    positions = None
+    if cfg.pos_embed == "learned":
+        positions = LearnedPositions(cfg.max_len, cfg.dim, rngs=rngs,
+                                     std=1.0 if cfg.init == "torch" else cfg.init_std)
+    head = None if cfg.tie_embeddings else Dense(cfg.dim, cfg.vocab_size, rngs=rngs,
+                                                 axes=("embed", "vocab"), init=cfg.init,
+                                                 std=cfg.init_std)
+    blocks = [build_block(cfg, i, rngs) for i in range(cfg.n_layers)]
+    return CausalLM(embed=embed, blocks=blocks, final_norm=make_norm(cfg.norm, cfg.dim, cfg.norm_eps),
+                    head=head, positions=positions, embed_dropout=cfg.embed_dropout,
+                    max_len=transformer_max_len(cfg), compute_dtype=cfg.compute_dtype,
+                    remat=cfg.remat)
+
+
+# ----------------------------------------------------------------------------- presets
+
+def llama(size: str = "small", **kw) -> TransformerConfig:
+    sizes = {
+        "tiny": dict(dim=128, n_layers=2, n_heads=2),
+        "small": dict(dim=512, n_layers=8, n_heads=8),
+        "base": dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000),
+    }
+    return dataclasses.replace(TransformerConfig(), **{**sizes[size], **kw})
+
+
+def rat_attention(swa: bool = False, **kw) -> TransformerConfig:
+    base = dict(dim=2048, n_layers=24, n_heads=16, ffn="gelu", norm="rms", norm_eps=1e-6,
+                tie_embeddings=True, vocab_size=32000, max_len=4096)
+    if swa:
+        base.update(window=1024, window_layers="odd")
+    return dataclasses.replace(TransformerConfig(), **{**base, **kw})
+
+
+def gam_transformer(**kw) -> TransformerConfig:
+    base = dict(vocab_size=10000, dim=512, n_layers=6, n_heads=8, ffn="gelu", norm="layer",
+                norm_eps=1e-5, rope_base=None, pos_embed="learned", max_len=256,
+                tie_embeddings=True, qkv_bias=True, out_bias=True, mlp_bias=True, init="torch",
+                embed_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1)
+    return dataclasses.replace(TransformerConfig(), **{**base, **kw})
+
+
+def zoology_attention(dim: int = 128, max_len: int = 64, **kw) -> TransformerConfig:
+    base = dict(vocab_size=8192, dim=dim, n_layers=2, n_heads=1, ffn="none", norm="layer",
+                norm_eps=1e-5, rope_base=None, pos_embed="learned", max_len=max_len,
+                tie_embeddings=True, qkv_bias=True, out_bias=True, depth_scaled_init=True,
+                embed_dropout=0.1, attn_dropout=0.1)
+    return dataclasses.replace(TransformerConfig(), **{**base, **kw})
+
+
+PRESETS = {
+    "llama_tiny": lambda: llama("tiny"),
+    "llama_small": lambda: llama("small"),
+    "llama_small_gqa": lambda: llama("small", n_kv_heads=2),
+    "llama_base": lambda: llama("base"),
+    "rat_attention": rat_attention,
+    "rat_attention_swa": lambda: rat_attention(swa=True),
+    "gam_transformer": gam_transformer,
+    "zoology_attention": zoology_attention,
+}
