@@ -200,3 +200,52 @@ PRESETS = {
     "gam_transformer": gam_transformer,
     "zoology_attention": zoology_attention,
 }
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+from zoo import hf as _hf  # noqa: E402
+
+
+@_hf.hf_converter("LlamaForCausalLM")
+def from_hf_llama(hf: dict, tensors: dict) -> CausalLM:
+    """Llama checkpoints: same half-split RoPE and `repeat_kv` GQA mapping as seqzoo."""
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type not in ("default", None):
+        raise ValueError(f"Llama rope_type {rope_type!r} is not supported (only 'default')")
+    n_heads = hf["num_attention_heads"]
+    dim = hf["hidden_size"]
+    cfg = TransformerConfig(
+        vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or dim // n_heads, ffn="swiglu",
+        ffn_dim=hf["intermediate_size"], norm="rms", norm_eps=float(hf["rms_norm_eps"]),
+        rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        max_len=int(hf.get("max_position_embeddings", 2048)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=bool(hf.get("attention_bias", False)), out_bias=bool(hf.get("attention_bias", False)))
+    if hf.get("mlp_bias"):
+        raise ValueError("Llama mlp_bias=True is not supported")
+    model = build_transformer(cfg, nnx.Rngs(params=0))
+    src = _hf.TensorSource(tensors)
+    src.assign(model.embed.embedding, "model.embed_tokens.weight")
+    for i, blk in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        att = blk.mixer
+        for ours, theirs in ((att.wq, "q_proj"), (att.wk, "k_proj"), (att.wv, "v_proj"),
+                             (att.wo, "o_proj")):
+            src.assign(ours.weight, p + f"self_attn.{theirs}.weight", transpose=True)
+            if ours.bias is not None:
+                src.assign(ours.bias, p + f"self_attn.{theirs}.bias")
+        for ours, theirs in ((blk.ffn.w1, "gate_proj"), (blk.ffn.w3, "up_proj"),
+                             (blk.ffn.w2, "down_proj")):
+            src.assign(ours.weight, p + f"mlp.{theirs}.weight", transpose=True)
+        src.assign(blk.norm1.weight, p + "input_layernorm.weight")
+        src.assign(blk.norm2.weight, p + "post_attention_layernorm.weight")
+    src.assign(model.final_norm.weight, "model.norm.weight")
+    if model.head is not None:
+        src.assign(model.head.weight, "lm_head.weight", transpose=True)
+    src.check_all_used(ignore=("rotary_emb.inv_freq",))
+    return model

@@ -1,0 +1,66 @@
+"""Llama checkpoints from the real `transformers` library reproduce its logits (fixtures made by
+tests/fixtures/make_hf_fixtures.py; nothing in them is computed by seqzoo)."""
+import json
+import os
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+import zoo
+import zoo.hf
+
+FIX = pathlib.Path(__file__).parent / "fixtures" / "hf"
+
+
+@pytest.mark.parametrize("name", ["llama_mha_tied", "llama_gqa_untied", "llama_gqa_tied"])
+def test_llama_logits_match_transformers(name):
+    model = zoo.hf.load(str(FIX / name))
+    exp = np.load(FIX / name / "expected.npz")
+    logits, _, _ = model(exp["tokens"])
+    # float32 both sides; transformers sums in a different order (observed max |diff| ~1e-6)
+    np.testing.assert_allclose(np.asarray(logits), exp["logits"], atol=2e-5, rtol=1e-5)
+
+
+def test_llama_decode_matches_transformers_logits():
+    """The imported model decoded token by token through its KV cache gives transformers' logits."""
+    model = zoo.hf.load(str(FIX / "llama_gqa_untied"))
+    exp = np.load(FIX / "llama_gqa_untied" / "expected.npz")
+    toks = exp["tokens"]
+    state = model.init_state(toks.shape[0], toks.shape[1])
+    outs = []
+    for t in range(toks.shape[1]):
+        lo, state, _ = model(toks[:, t:t + 1], state)
+        outs.append(np.asarray(lo[:, 0]))
+    np.testing.assert_allclose(np.stack(outs, 1), exp["logits"], atol=2e-5, rtol=1e-5)
+
+
+def test_safetensors_roundtrip(tmp_path):
+    arrs = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, -2], np.int64)}
+    zoo.hf.write_safetensors(str(tmp_path / "m.safetensors"), arrs)
+    back = zoo.hf.read_safetensors(str(tmp_path / "m.safetensors"))
+    assert set(back) == {"a", "b"}
+    np.testing.assert_array_equal(back["a"], arrs["a"])
+    np.testing.assert_array_equal(back["b"], arrs["b"])
+
+
+def test_bad_checkpoints_fail_with_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        zoo.hf.load(str(tmp_path))
+    d = tmp_path / "ck"
+    shutil.copytree(FIX / "llama_mha_tied", d)
+    t = zoo.hf.read_safetensors(str(d / "model.safetensors"))
+    t["model.layers.1.mlp.up_proj.weight"] = t["model.layers.1.mlp.up_proj.weight"][:-1]
+    zoo.hf.write_safetensors(str(d / "model.safetensors"), t)
+    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight has shape"):
+        zoo.hf.load(str(d))
+    del t["model.layers.1.mlp.up_proj.weight"]
+    zoo.hf.write_safetensors(str(d / "model.safetensors"), t)
+    with pytest.raises(ValueError, match="missing tensor model.layers.1.mlp.up_proj.weight"):
+        zoo.hf.load(str(d))
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["NopeForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="no converter for architecture 'NopeForCausalLM'"):
+        zoo.hf.load(str(d))

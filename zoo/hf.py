@@ -1,0 +1,136 @@
+"""Hugging Face checkpoint import: `zoo.hf.load(path)`.
+
+A checkpoint directory holds `config.json` and `model.safetensors` (read here without torch).
+`load` dispatches on `config.json`'s `architectures[0]` to a converter that the family registers
+beside its model:
+
+    @hf_converter("LlamaForCausalLM")
+    def from_hf_llama(hf_config: dict, tensors: dict[str, np.ndarray]) -> nnx.Module: ...
+
+A converter builds the seqzoo model from the HF config and copies every tensor in; a tensor that
+is missing, left over or misshapen is an error naming it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+_CONVERTERS: dict[str, Callable[[dict, dict], nnx.Module]] = {}
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+           "BOOL": np.bool_}
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+def hf_converter(architecture: str):
+    def deco(fn):
+        _CONVERTERS[architecture] = fn
+        return fn
+    return deco
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of a .safetensors file as numpy arrays."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 8:
+        raise ValueError(f"{path}: not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        lo, hi = info["data_offsets"]
+        arr = np.frombuffer(raw[base + lo: base + hi], dtype=_DTYPES[info["dtype"]])
+        out[name] = arr.reshape(info["shape"]).copy()
+    return out
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    header, chunks, offset = {}, [], 0
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        data = arr.tobytes()
+        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
+
+
+def load_config(path: str) -> dict:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
+    with open(cfg_path) as f:
+        return json.loads(f.read(), parse_constant=lambda c: {"Infinity": math.inf,
+                                                                "-Infinity": -math.inf}[c])
+
+
+def hf_float(value) -> float:
+    """A float from config.json; transformers 5 writes infinity as {"__float__": "Infinity"}."""
+    if isinstance(value, dict) and "__float__" in value:
+        return float(value["__float__"].replace("Infinity", "inf"))
+    return float(value)
+
+
+def load(path: str) -> nnx.Module:
+    """Build the seqzoo model for a Hugging Face checkpoint directory and load its weights."""
+    import zoo.families  # noqa: F401  (families register their converters)
+    config = load_config(path)
+    archs = config.get("architectures") or []
+    if not archs:
+        raise ValueError(f"{path}/config.json has no 'architectures' entry")
+    arch = archs[0]
+    if arch not in _CONVERTERS:
+        raise ValueError(f"{path}: no converter for architecture {arch!r}; "
+                         f"known: {', '.join(sorted(_CONVERTERS))}")
+    st = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(st):
+        raise FileNotFoundError(f"{path}: no model.safetensors (sharded checkpoints are not supported yet)")
+    return _CONVERTERS[arch](config, read_safetensors(st))
+
+
+class TensorSource:
+    """Hands out checkpoint tensors by name, checking shapes and that every one is used."""
+
+    def __init__(self, tensors: dict[str, np.ndarray]):
+        self.tensors = dict(tensors)
+        self.used: set[str] = set()
+
+    def take(self, name: str, shape: tuple[int, ...], transpose: bool = False) -> np.ndarray:
+        if name not in self.tensors:
+            raise ValueError(f"checkpoint is missing tensor {name}")
+        arr = np.asarray(self.tensors[name], np.float32)
+        if transpose:
+            arr = arr.T
+        if tuple(arr.shape) != tuple(shape):
+            raise ValueError(f"tensor {name} has shape {arr.shape}{' (transposed)' if transpose else ''}, "
+                             f"expected {tuple(shape)}")
+        self.used.add(name)
+        return arr
+
+    def assign(self, var: nnx.Variable, name: str, transpose: bool = False) -> None:
+        var[...] = self.take(name, tuple(var[...].shape), transpose).astype(var[...].dtype)
+
+    def check_all_used(self, ignore: tuple[str, ...] = ()) -> None:
+        left = sorted(k for k in self.tensors if k not in self.used
+                      and not any(k.endswith(s) for s in ignore))
+        if left:
+            raise ValueError(f"checkpoint tensors not used by the model: {', '.join(left[:5])}"
+                             f"{' ...' if len(left) > 5 else ''}")
