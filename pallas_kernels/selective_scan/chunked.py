@@ -1,0 +1,90 @@
+"""Chunked selective scan in plain XLA (specs/mamba.md §4.1(3), §5.2(3)-(4)).
+
+The sequence is cut into chunks of `chunk` steps; a `lax.scan` over chunks carries the state
+h [B, Di, N]; inside a chunk the outputs come from the closed form
+
+    h_t = sum_{s<=t} exp(A * seg[t, s]) Bbar_s x_s + exp(A * cum[t]) h_in,
+    seg[t, s] = sum_{r=s+1..t} dt_r   (a segment sum, built from masked increments, never as a
+                                       difference of a global cumsum),
+
+so every exponent is <= 0 (clamped, against rounding) and nothing can overflow however strong
+the decay. Resets: a term crosses position r only if no document starts in (s, t]. The chunk
+body is rematerialised in the backward pass (only chunk-boundary states are stored). Ragged
+lengths are padded with dt = 0, x = B = C = 0 (decay 1, no input), so the final state is the
+state after the last real step. The chunk length never changes the function.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.selective_scan.reference import input_coeff
+
+Array = jax.Array
+
+
+def segsum(v: Array, axis: int = 1) -> Array:
+    """seg[..., t, s, ...] = sum_{r=s+1..t} v[r] for t >= s (0 elsewhere), for v with the time
+    axis at `axis`; the new s axis follows the t axis. Stable: a cumsum of masked increments."""
+    v = jnp.moveaxis(v, axis, -1)                       # [..., Q]
+    Q = v.shape[-1]
+    r = jnp.arange(Q)
+    inc = jnp.where(r[:, None] > r[None, :], v[..., :, None], 0.0)   # [..., Q(r), Q(s)]
+    seg = jnp.cumsum(inc, axis=-2)                      # [..., Q(t), Q(s)]
+    return jnp.moveaxis(seg, (-2, -1), (axis, axis + 1))
+
+
+def reset_masks(reset: Array) -> tuple[Array, Array]:
+    """For resets [B, Q]: (same [B, Q(t), Q(s)]: no reset in (s, t] and t >= s;
+    clean [B, Q]: no reset in [0, t], i.e. the chunk's incoming state reaches t)."""
+    Q = reset.shape[1]
+    rc = jnp.cumsum(reset.astype(jnp.int32), axis=1)
+    t = jnp.arange(Q)
+    same = (rc[:, :, None] == rc[:, None, :]) & (t[:, None] >= t[None, :])[None]
+    return same, rc == 0
+
+
+def _pad_chunks(arrs, T: int, Q: int):
+    n = -(-T // Q)
+    pad = n * Q - T
+    out = []
+    for a in arrs:
+        if pad:
+            a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        a = a.reshape(a.shape[0], n, Q, *a.shape[2:])
+        out.append(jnp.moveaxis(a, 1, 0))                 # [n, B, Q, ...]
+    return out
+
+
+def selective_scan(x: Array, dt: Array, A: Array, Bm: Array, C: Array, *, h0: Array | None = None,
+                   reset: Array | None = None, exact_zoh: bool = False,
+                   chunk: int = 64) -> tuple[Array, Array]:
+    """Same signature and result as `reference.selective_scan`; `chunk` is a block size only."""
+    Bsz, T, Di = x.shape
+    N = A.shape[1]
+    f32 = lambda a: a.astype(jnp.float32)
+    x, dt, A, Bm, C = f32(x), f32(dt), f32(A), f32(Bm), f32(C)
+    h0 = jnp.zeros((Bsz, Di, N), jnp.float32) if h0 is None else f32(h0)
+    reset = jnp.zeros((Bsz, T), bool) if reset is None else reset.astype(bool)
+    Q = max(1, min(chunk, T))
+    xs = _pad_chunks([x, dt, Bm, C, reset], T, Q)
+
+    @jax.checkpoint
+    def body(h, blk):
+        xc, dtc, bc, cc, rc = blk                          # [B, Q, ...]
+        same, clean = reset_masks(rc)
+        seg = segsum(dtc, axis=1)                          # [B, Q, Q, Di]
+        expo = jnp.minimum(seg[..., None] * A, 0.0)        # [B, Q, Q, Di, N]
+        L = jnp.where(same[..., None, None], jnp.exp(expo), 0.0)
+        u = input_coeff(dtc, A, exact_zoh) * xc[..., None] * bc[:, :, None, :]   # [B, Q, Di, N]
+        y = jnp.einsum("btn,btsdn,bsdn->btd", cc, L, u)
+        cum = jnp.cumsum(dtc, axis=1)                      # [B, Q, Di]
+        dec = jnp.exp(jnp.minimum(cum[..., None] * A, 0.0))
+        dec = jnp.where(clean[:, :, None, None], dec, 0.0)  # [B, Q, Di, N]
+        y = y + jnp.einsum("btn,btdn,bdn->btd", cc, dec, h)
+        h_new = dec[:, -1] * h + jnp.einsum("bsdn,bsdn->bdn", L[:, -1], u)
+        return h_new, y
+
+    hT, y = jax.lax.scan(body, h0, tuple(xs))
+    y = jnp.moveaxis(y, 0, 1).reshape(Bsz, -1, Di)[:, :T]
+    return y, hT
