@@ -325,15 +325,12 @@ NIAH_DEPTHS = tuple(int(round(x)) for x in np.linspace(0, 100, 40))  # essay dep
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+")
 
 
-@lru_cache(maxsize=1)
-def _niah_words():
-    """Adjective and noun lists (wonderwords), and the key strings `adj-noun` that several
-    (adj, noun) pairs produce (so keys can be drawn uniformly from the de-duplicated product)."""
-    from train.data._wordlists import ADJECTIVES, NOUNS
-    adjs, nouns = tuple(dict.fromkeys(ADJECTIVES)), tuple(dict.fromkeys(NOUNS))
+def key_multiplicities(adjs: Sequence[str], nouns: Sequence[str]) -> dict[str, int]:
+    """The strings `adj-noun` produced by more than one (adj, noun) pair of the (de-duplicated)
+    lists, with their number of pairs. "a1-n1" == "a2-n2" with a1 != a2 needs a2 = a1-x and
+    n1 = x-n2 (hyphenated words), so only those are searched, not the full product."""
     adj_set, noun_set = set(adjs), set(nouns)
     counts: dict[str, int] = {}
-    # "a1-n1" == "a2-n2" with a1 != a2 needs a2 = a1 + "-" + x and n1 = x + "-" + n2.
     for a2 in adjs:
         for i, ch in enumerate(a2):
             if ch == "-" and a2[:i] in adj_set:
@@ -342,7 +339,15 @@ def _niah_words():
                     if n1.startswith(x + "-") and n1[len(x) + 1:] in noun_set:
                         s = f"{a2}-{n1[len(x) + 1:]}"
                         counts[s] = counts.get(s, 1) + 1
-    return adjs, nouns, counts
+    return counts
+
+
+@lru_cache(maxsize=1)
+def _niah_words():
+    """The de-duplicated adjective and noun lists (wonderwords) and the key multiplicities."""
+    from train.data._wordlists import ADJECTIVES, NOUNS
+    adjs, nouns = tuple(dict.fromkeys(ADJECTIVES)), tuple(dict.fromkeys(NOUNS))
+    return adjs, nouns, key_multiplicities(adjs, nouns)
 
 
 def niah_key(rng: np.random.Generator) -> str:
@@ -447,18 +452,18 @@ def needle_text(rng: np.random.Generator, *, variant: str, length: int,
 # Fixed-length byte-level training rows for the text tasks
 # ------------------------------------------------------------------------------------------------
 
-def _byte_row(seq_len: int, prompt_ids: np.ndarray, answer: str, scored: Callable[[str], bool],
-              **meta) -> dict:
+def _byte_row(seq_len: int, prompt_ids: np.ndarray, answer_text: str,
+              scored: Callable[[str], bool], **meta) -> dict:
     """[BOS] prompt " " answer [EOS], right-padded with EOS to seq_len + 1, shifted into
     inputs/labels; scored at the answer characters for which scored(char) holds."""
-    ans = list(" ".join(["", answer]).encode())
+    ans = list((" " + answer_text).encode())
     full = np.concatenate([[BYTE_BOS], prompt_ids, ans, [BYTE_EOS]]).astype(np.int64)
     if full.size > seq_len + 1:
         raise ValueError(f"example of {full.size} tokens does not fit seq_len={seq_len}")
     start = 1 + prompt_ids.size  # index of the space in full
     full = np.concatenate([full, np.full(seq_len + 1 - full.size, BYTE_EOS)])
     labels = np.full(seq_len, IGNORE, np.int64)
-    pos = [start + 1 + i - 1 for i, ch in enumerate(answer) if scored(ch)]  # input index
+    pos = [start + 1 + i - 1 for i, ch in enumerate(answer_text) if scored(ch)]  # input index
     pos = np.asarray(pos, np.int64)
     labels[pos] = full[pos + 1]
     return _finish(full[:-1], labels, answer_positions=pos.astype(np.int32),
