@@ -1,2 +1,3 @@
 """Imports every family module so that their `@register` calls run. Add one line per family."""
 import zoo.transformer  # noqa: F401
+import zoo.mamba  # noqa: F401

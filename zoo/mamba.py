@@ -1,0 +1,302 @@
+"""Mamba-1 and Mamba-2 language models (specs/mamba.md), registered as "mamba" and "mamba2",
+and their Hugging Face converters (`MambaForCausalLM`, `Mamba2ForCausalLM`).
+
+The LM follows `mamba_ssm.models.mixer_seq_simple`: embedding N(0, 0.02) -> n_layers pre-norm
+blocks `h + mixer(RMSNorm(h))` (no MLP) -> final RMSNorm -> head tied to the embedding by
+default; residual stream in float32 (`compute_dtype` float32); out_proj re-drawn with
+U(+-1/sqrt(fan_in)) / sqrt(n_layers). The vocabulary is used as given (pad it to a multiple of 8
+in the config if wanted).
+
+`scan_impl` picks the selective-scan / SSD implementation (auto | reference | chunked | pallas |
+pallas_interpret); `chunk_size` is its block size, an implementation parameter that never
+changes the function.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from flax import nnx
+
+from layers.embed import Embed
+from layers.linear import Dense
+from layers.norms import RMSNorm
+from layers.ssm import Mamba2Mixer, MambaMixer
+from zoo import hf as _hf
+from zoo.lm import Block, CausalLM
+from zoo.registry import ConformanceSpec, register
+
+_IMPLS = ("auto", "reference", "chunked", "pallas", "pallas_interpret")
+
+
+@dataclass(frozen=True)
+class MambaConfig:
+    vocab_size: int = 256
+    dim: int = 64
+    n_layers: int = 2
+    d_state: int = 16
+    expand: int = 2
+    d_inner: int | None = None          # None: expand * dim
+    d_conv: int = 4
+    dt_rank: int | None = None          # None: ceil(dim / 16)
+    dt_min: float = 1e-3
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    dt_scale: float = 1.0
+    dt_init: str = "random"             # random | constant
+    exact_zoh: bool = False             # False: the reference code's Euler B (dt * B)
+    conv_bias: bool = True
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    rescale_out_proj: bool = True       # out_proj / sqrt(n_layers)
+    scan_impl: str = "auto"
+    chunk_size: int = 64
+    compute_dtype: str = "float32"
+    remat: str = "none"
+
+    @property
+    def di(self) -> int:
+        return self.d_inner or self.expand * self.dim
+
+    @property
+    def rank(self) -> int:
+        return self.dt_rank or math.ceil(self.dim / 16)
+
+    def validate(self):
+        if self.scan_impl not in _IMPLS:
+            raise ValueError(f"model.scan_impl={self.scan_impl!r} is not one of {_IMPLS}")
+        if self.dt_init not in ("random", "constant"):
+            raise ValueError(f"model.dt_init={self.dt_init!r} is not one of ('random', 'constant')")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(f"model.dt_min={self.dt_min} must be in (0, model.dt_max={self.dt_max}]")
+        if self.chunk_size < 1:
+            raise ValueError(f"model.chunk_size={self.chunk_size} must be >= 1")
+
+
+@dataclass(frozen=True)
+class Mamba2Config:
+    vocab_size: int = 256
+    dim: int = 64
+    n_layers: int = 2
+    d_state: int = 128
+    expand: int = 2
+    head_dim: int = 64
+    n_groups: int = 1
+    d_conv: int = 4
+    dt_min: float = 1e-3
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    A_init_min: float = 1.0
+    A_init_max: float = 16.0
+    dt_limit_min: float = 0.0
+    dt_limit_max: float = math.inf
+    conv_bias: bool = True
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    rescale_out_proj: bool = True
+    scan_impl: str = "auto"
+    chunk_size: int = 256
+    compute_dtype: str = "float32"
+    remat: str = "none"
+
+    @property
+    def di(self) -> int:
+        return self.expand * self.dim
+
+    @property
+    def n_heads(self) -> int:
+        return self.di // self.head_dim
+
+    def validate(self):
+        if self.scan_impl not in _IMPLS:
+            raise ValueError(f"model.scan_impl={self.scan_impl!r} is not one of {_IMPLS}")
+        if self.di % self.head_dim:
+            raise ValueError(f"model.head_dim={self.head_dim} does not divide expand*dim={self.di}")
+        if self.n_heads % self.n_groups:
+            raise ValueError(f"model.n_groups={self.n_groups} does not divide the "
+                             f"{self.n_heads} heads")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(f"model.dt_min={self.dt_min} must be in (0, model.dt_max={self.dt_max}]")
+        if self.chunk_size < 1:
+            raise ValueError(f"model.chunk_size={self.chunk_size} must be >= 1")
+
+
+def _lm(cfg, mixers) -> CausalLM:
+    rngs = mixers[1]
+    embed = Embed(cfg.vocab_size, cfg.dim, rngs=rngs, std=cfg.init_std)
+    blocks = [Block(m, RMSNorm(cfg.dim, eps=cfg.norm_eps)) for m in mixers[0]]
+    head = None if cfg.tie_embeddings else Dense(cfg.dim, cfg.vocab_size, rngs=rngs,
+                                                 axes=("embed", "vocab"), std=cfg.init_std)
+    return CausalLM(embed=embed, blocks=blocks, final_norm=RMSNorm(cfg.dim, eps=cfg.norm_eps),
+                    head=head, compute_dtype=cfg.compute_dtype, remat=cfg.remat)
+
+
+def mamba_param_count(cfg: MambaConfig) -> int:
+    """specs/mamba.md §3.3 (conv bias optional, untied head optional)."""
+    D, Di, N, R, K, V = cfg.dim, cfg.di, cfg.d_state, cfg.rank, cfg.d_conv, cfg.vocab_size
+    block = (D * 2 * Di + Di * K + (Di if cfg.conv_bias else 0) + Di * (R + 2 * N) + R * Di + Di
+             + Di * N + Di + Di * D + D)
+    return cfg.n_layers * block + V * D * (1 if cfg.tie_embeddings else 2) + D
+
+
+def mamba2_param_count(cfg: Mamba2Config) -> int:
+    D, Di, N, G, H, K, V = (cfg.dim, cfg.di, cfg.d_state, cfg.n_groups, cfg.n_heads, cfg.d_conv,
+                            cfg.vocab_size)
+    conv = Di + 2 * G * N
+    block = (D * (2 * Di + 2 * G * N + H) + conv * K + (conv if cfg.conv_bias else 0) + 3 * H
+             + Di + Di * D + D)
+    return cfg.n_layers * block + V * D * (1 if cfg.tie_embeddings else 2) + D
+
+
+@register("mamba", config=MambaConfig, param_count=mamba_param_count,
+          conformance=ConformanceSpec(
+              config=MambaConfig(vocab_size=37, dim=16, n_layers=2, d_state=4, chunk_size=4,
+                                 init_std=0.5, dt_min=0.05, dt_max=0.5, scan_impl="reference"),
+              length=13, cuts=(1, 3, 4, 8, 12),
+              reference={"scan_impl": "reference"},
+              fast=({"scan_impl": "chunked", "chunk_size": 4},
+                    {"scan_impl": "chunked", "chunk_size": 8})))
+def build_mamba(cfg: MambaConfig, rngs: nnx.Rngs) -> CausalLM:
+    cfg.validate()
+    scale = 1.0 / math.sqrt(cfg.n_layers) if cfg.rescale_out_proj else 1.0
+    mixers = [MambaMixer(cfg.dim, rngs=rngs, d_inner=cfg.di, d_state=cfg.d_state,
+                         d_conv=cfg.d_conv, dt_rank=cfg.rank, dt_min=cfg.dt_min,
+                         dt_max=cfg.dt_max, dt_init_floor=cfg.dt_init_floor,
+                         dt_scale=cfg.dt_scale, dt_init=cfg.dt_init, conv_bias=cfg.conv_bias,
+                         exact_zoh=cfg.exact_zoh, out_scale=scale, impl=cfg.scan_impl,
+                         chunk=cfg.chunk_size)
+              for _ in range(cfg.n_layers)]
+    return _lm(cfg, (mixers, rngs))
+
+
+@register("mamba2", config=Mamba2Config, param_count=mamba2_param_count,
+          conformance=ConformanceSpec(
+              config=Mamba2Config(vocab_size=37, dim=16, n_layers=2, d_state=4, head_dim=8,
+                                  n_groups=2, chunk_size=4, init_std=0.5, dt_min=0.05,
+                                  dt_max=0.5, scan_impl="reference"),
+              length=13, cuts=(1, 3, 4, 8, 12),
+              reference={"scan_impl": "reference"},
+              fast=({"scan_impl": "chunked", "chunk_size": 4},
+                    {"scan_impl": "chunked", "chunk_size": 8})))
+def build_mamba2(cfg: Mamba2Config, rngs: nnx.Rngs) -> CausalLM:
+    cfg.validate()
+    scale = 1.0 / math.sqrt(cfg.n_layers) if cfg.rescale_out_proj else 1.0
+    mixers = [Mamba2Mixer(cfg.dim, rngs=rngs, d_inner=cfg.di, head_dim=cfg.head_dim,
+                          d_state=cfg.d_state, n_groups=cfg.n_groups, d_conv=cfg.d_conv,
+                          dt_min=cfg.dt_min, dt_max=cfg.dt_max, dt_init_floor=cfg.dt_init_floor,
+                          A_init_range=(cfg.A_init_min, cfg.A_init_max),
+                          dt_limit=(cfg.dt_limit_min, cfg.dt_limit_max), conv_bias=cfg.conv_bias,
+                          norm_eps=cfg.norm_eps, out_scale=scale, impl=cfg.scan_impl,
+                          chunk=cfg.chunk_size)
+              for _ in range(cfg.n_layers)]
+    return _lm(cfg, (mixers, rngs))
+
+
+# ----------------------------------------------------------------------------- presets
+
+def mamba_preset(size: str = "130m", **kw) -> MambaConfig:
+    """The released shapes (specs/mamba.md §6.1); vocab 50280 (GPT-NeoX padded to 8)."""
+    shapes = {"130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48),
+              "2.8b": (2560, 64)}
+    dim, n = shapes[size]
+    return MambaConfig(**{**dict(vocab_size=50280, dim=dim, n_layers=n, d_state=16), **kw})
+
+
+PRESETS = {f"mamba_{s}": (lambda s=s: mamba_preset(s)) for s in ("130m", "370m", "790m", "1.4b", "2.8b")}
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+def _conv(src: _hf.TensorSource, conv, name: str) -> None:
+    C, K = conv.weight[...].shape
+    conv.weight[...] = src.take(name + ".weight", (C, 1, K))[:, 0, :]
+    if conv.bias is not None:
+        src.assign(conv.bias, name + ".bias")
+
+
+def _check_no_bias(hf: dict) -> None:
+    if hf.get("use_bias", False):
+        raise ValueError("Mamba checkpoints with use_bias=True (in/out projection biases) are "
+                         "not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+
+
+@_hf.hf_converter("MambaForCausalLM")
+def from_hf_mamba(hf: dict, tensors: dict[str, np.ndarray]) -> CausalLM:
+    _check_no_bias(hf)
+    dim = hf["hidden_size"]
+    rank = hf.get("time_step_rank", "auto")
+    cfg = MambaConfig(
+        vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"],
+        d_state=hf["state_size"], d_inner=hf.get("intermediate_size") or hf["expand"] * dim,
+        d_conv=hf["conv_kernel"], dt_rank=math.ceil(dim / 16) if rank == "auto" else int(rank),
+        conv_bias=bool(hf.get("use_conv_bias", True)),
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
+    model = build_mamba(cfg, nnx.Rngs(params=0))
+    src = _hf.TensorSource(tensors)
+    src.assign(model.embed.embedding, "backbone.embeddings.weight")
+    for i, blk in enumerate(model.blocks):
+        p = f"backbone.layers.{i}."
+        mx = blk.mixer
+        src.assign(blk.norm1.weight, p + "norm.weight")
+        src.assign(mx.in_proj.weight, p + "mixer.in_proj.weight", transpose=True)
+        _conv(src, mx.conv, p + "mixer.conv1d")
+        src.assign(mx.x_proj.weight, p + "mixer.x_proj.weight", transpose=True)
+        src.assign(mx.dt_w, p + "mixer.dt_proj.weight", transpose=True)
+        src.assign(mx.dt_b, p + "mixer.dt_proj.bias")
+        src.assign(mx.A_log, p + "mixer.A_log")
+        src.assign(mx.D, p + "mixer.D")
+        src.assign(mx.out_proj.weight, p + "mixer.out_proj.weight", transpose=True)
+    src.assign(model.final_norm.weight, "backbone.norm_f.weight")
+    if model.head is not None:
+        src.assign(model.head.weight, "lm_head.weight", transpose=True)
+    elif "lm_head.weight" in tensors:  # a tied checkpoint may still carry the (equal) head
+        src.take("lm_head.weight", tuple(model.embed.embedding[...].shape))
+    src.check_all_used()
+    return model
+
+
+@_hf.hf_converter("Mamba2ForCausalLM")
+def from_hf_mamba2(hf: dict, tensors: dict[str, np.ndarray]) -> CausalLM:
+    _check_no_bias(hf)
+    dim = hf["hidden_size"]
+    n_heads, head_dim = hf["num_heads"], hf["head_dim"]
+    expand = hf.get("expand", 2)
+    if n_heads * head_dim != expand * dim:
+        raise ValueError(f"Mamba2 num_heads*head_dim={n_heads * head_dim} != expand*hidden_size="
+                         f"{expand * dim}")
+    limit = hf.get("time_step_limit", [0.0, math.inf])
+    cfg = Mamba2Config(
+        vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"],
+        d_state=hf["state_size"], expand=expand, head_dim=head_dim, n_groups=hf.get("n_groups", 1),
+        d_conv=hf["conv_kernel"], dt_limit_min=_hf.hf_float(limit[0]),
+        dt_limit_max=_hf.hf_float(limit[1]), conv_bias=bool(hf.get("use_conv_bias", True)),
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        chunk_size=int(hf.get("chunk_size", 256)))
+    model = build_mamba2(cfg, nnx.Rngs(params=0))
+    src = _hf.TensorSource(tensors)
+    src.assign(model.embed.embedding, "backbone.embeddings.weight")
+    for i, blk in enumerate(model.blocks):
+        p = f"backbone.layers.{i}."
+        mx = blk.mixer
+        src.assign(blk.norm1.weight, p + "norm.weight")
+        src.assign(mx.in_proj.weight, p + "mixer.in_proj.weight", transpose=True)
+        _conv(src, mx.conv, p + "mixer.conv1d")
+        src.assign(mx.dt_bias, p + "mixer.dt_bias")
+        src.assign(mx.A_log, p + "mixer.A_log")
+        src.assign(mx.D, p + "mixer.D")
+        src.assign(mx.norm.weight, p + "mixer.norm.weight")
+        src.assign(mx.out_proj.weight, p + "mixer.out_proj.weight", transpose=True)
+    src.assign(model.final_norm.weight, "backbone.norm_f.weight")
+    if model.head is not None:
+        src.assign(model.head.weight, "lm_head.weight", transpose=True)
+    elif "lm_head.weight" in tensors:
+        src.take("lm_head.weight", tuple(model.embed.embedding[...].shape))
+    src.check_all_used()
+    return model
