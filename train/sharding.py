@@ -69,7 +69,7 @@ def param_shardings(state, mesh: Mesh, rules: Mapping[str, str | None] = RULES):
     """NamedSharding for every leaf of an nnx State (or pytree of Variables)."""
     def one(v):
         names = getattr(v, "out_sharding", None) or getattr(v, "sharding_names", None)
-        value = v[...] if isinstance(v, nnx.Variable) else v
+        value = v.get_value() if isinstance(v, nnx.Variable) else v  # arrays or ShapeDtypeStructs
         if names is None:
             return NamedSharding(mesh, P())
         return NamedSharding(mesh, logical_to_spec(names, value.shape, mesh, rules))
@@ -78,3 +78,7 @@ def param_shardings(state, mesh: Mesh, rules: Mapping[str, str | None] = RULES):
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+# The batch dimension's entry of a PartitionSpec: sharded over data x fsdp.
+BATCH_AXES_SPEC = (BATCH_AXES,)

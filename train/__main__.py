@@ -1,0 +1,117 @@
+"""`python -m train [--config=configs/<file>.py[:variant]] [--config.<section>.<key>=value ...]`
+
+With no --config the built-in default runs (train.config.default_config(): MQAR, 8 key-value
+pairs in 64 tokens, vocabulary 128, a 2-layer attention model). A bad config (unknown key,
+impossible value, missing file) prints one line and exits with status 2 before anything compiles.
+"""
+from __future__ import annotations
+
+import re
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "ml_collections config file (configs/<file>.py[:variant]); default: built-in",
+    lock_config=True)
+
+
+def _fail(msg: str) -> None:
+    print(f"config error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _unknown_override(argv) -> str | None:
+    """The first --config.a.b=... override naming a key the loaded config lacks."""
+    from train import config as config_lib
+    cfg_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    try:
+        base = _load(cfg_arg) if cfg_arg else config_lib.default_config()
+    except Exception:
+        return None
+    for a in argv:
+        m = re.match(r"--config\.([\w.]+)(=|$)", a)
+        if not m:
+            continue
+        node = base
+        for part in m.group(1).split("."):
+            if hasattr(node, "keys") and part in node:
+                node = node[part]
+            else:
+                return m.group(1)
+    return None
+
+
+def _load(arg: str):
+    path, _, variant = arg.partition(":")
+    import importlib.util
+    import os
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    spec = importlib.util.spec_from_file_location("_seqzoo_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(variant) if variant else mod.get_config()
+
+
+def parse_flags(argv):
+    cfg_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if cfg_arg is not None:
+        path = cfg_arg.partition(":")[0]
+        import os
+        if not os.path.isfile(path):
+            _fail(f"--config: file {path!r} not found")
+        try:
+            _load(cfg_arg)
+        except Exception as e:  # a get_config that rejects its variant, a syntax error, ...
+            _fail(f"--config={cfg_arg}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    elif any(a.startswith("--config.") for a in argv):
+        # overrides of the built-in default: point the flag at it
+        from train import config as config_lib  # noqa: F401
+        argv = [argv[0], f"--config={_default_file()}"] + argv[1:]
+    bad = _unknown_override(argv)
+    if bad is not None:
+        _fail(f"unknown config key {bad}")
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e).splitlines()[0])
+    except (AttributeError, KeyError, ValueError, TypeError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _default_file() -> str:
+    import os
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_config.py")
+
+
+def main(argv) -> None:
+    del argv
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)   # orbax and grain log every save at INFO
+    from train import config as config_lib
+    cfg = _CONFIG.value
+    if cfg is None:
+        cfg = config_lib.default_config()
+    # validate everything before JAX starts (no device needed)
+    try:
+        config_lib.resolve(cfg)
+    except config_lib.ConfigError as e:
+        _fail(str(e))
+    from train import distributed
+    distributed.setup(cfg)
+    import jax
+    from train import trainer
+    try:
+        cfg, model_cfg = config_lib.resolve(cfg, device_count=jax.device_count())
+    except config_lib.ConfigError as e:
+        _fail(str(e))
+    try:
+        trainer.Trainer(cfg, model_cfg).run()
+    except config_lib.ConfigError as e:
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,318 @@
+"""Trainer configs: the sections, their defaults, and resolution/validation before compiling.
+
+A config (ml_collections.ConfigDict) has six sections:
+
+  model       `name` (a zoo registry name) plus the fields of that model's typed config; a field
+              left as None (placeholder) takes the model's default; `vocab_size` left as None is
+              taken from the data.
+  data        `train.data.data_defaults()` (source, seq_len, vocab_size, task parameters, ...).
+  train       optimisation and loop (see `train_defaults`).
+  mesh        device mesh and multi-process setup (see `mesh_defaults`).
+  checkpoint  run directory, save interval, how many to keep (see `checkpoint_defaults`).
+  eval        periodic held-out evaluation (see `eval_defaults`).
+
+`default_config()` is the built-in default run (`python -m train` with no --config): MQAR with
+8 key-value pairs in 64 tokens, vocabulary 128 (keys 1..63, values 64..127), a 2-layer attention
+model. `resolve(cfg)` checks every section and returns (resolved config, typed model config);
+any unknown key or impossible value raises `ConfigError` with one line naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+import zoo
+
+
+class ConfigError(ValueError):
+    """A bad config: one line naming the key."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+def train_defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.steps = 600                  # optimizer steps
+    c.batch_size = 64              # global batch (sequences per optimizer step)
+    c.grad_accum = 1               # micro-batches per step (batch_size % grad_accum == 0)
+    c.lr = 3e-3                    # peak learning rate
+    c.warmup_steps = 30
+    c.min_lr_ratio = 0.0           # cosine decays to lr * min_lr_ratio at `steps`
+    c.weight_decay = 0.1
+    c.b1 = 0.9
+    c.b2 = 0.98
+    c.eps = 1e-8
+    c.clip_norm = 1.0              # global-norm clipping (0: off)
+    c.seed = 0                     # parameter init and dropout keys
+    c.aux_weights = ml_collections.ConfigDict()   # name -> weight of model.aux_terms(aux)[name]
+    c.dropout = False              # pass dropout keys to the model (its rates are model fields)
+    c.log_every = 20
+    c.compilation_cache_dir = "~/.cache/seqzoo/jax"   # "" turns the persistent cache off
+    c.stop_at_step = 0             # stop (after saving) at this step; 0: run to `steps`
+    c.mfu_probe = True             # on CPU, measure the peak with a short matmul probe
+    c.prefetch = 2                 # host batches prepared ahead of the device
+    return c
+
+
+def mesh_defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.shape = (-1, 1, 1)           # (data, fsdp, tensor); one -1 takes the remaining devices
+    c.distributed = "auto"         # auto | on | off: jax.distributed.initialize
+    c.coordinator_address = ""     # host:port (on: required unless the cluster is detected)
+    c.num_processes = 0
+    c.process_id = -1
+    c.num_cpu_devices = 0          # >0: jax_num_cpu_devices (CPU tests and recipes)
+    c.init_timeout_s = 300
+    return c
+
+
+def checkpoint_defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.dir = ""                     # run directory; "": runs/<model.name>_<data.source>
+    c.every = 200                  # save every N steps (and at the end, and on SIGTERM)
+    c.keep = 3                     # keep the last N checkpoints
+    c.async_save = True
+    return c
+
+
+def eval_defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.every = 100                  # held-out eval every N steps (0: only at the end)
+    c.batch_size = 256
+    c.max_batches = 4              # 0: the whole validation split
+    return c
+
+
+def _data_module():
+    from train import data  # the data package (train/data.py)
+    return data
+
+
+def model_section(name: str, base: Any = None, **overrides) -> ml_collections.ConfigDict:
+    """A `model` section: `name` plus every field of the model's typed config.
+
+    `base` is a typed config (e.g. a preset) or None for the model's defaults. Fields whose value
+    is None become typed placeholders so that `--config.model.<field>=...` works on them.
+    """
+    entry = zoo.get(name)
+    cls = entry.config_cls
+    if base is None:
+        base = cls()
+    base = dataclasses.replace(base, **overrides)
+    hints = typing.get_type_hints(cls)
+    c = ml_collections.ConfigDict()
+    c.name = name
+    for f in dataclasses.fields(cls):
+        v = getattr(base, f.name)
+        if v is None:
+            c[f.name] = config_dict.placeholder(_base_type(hints.get(f.name)))
+        else:
+            c[f.name] = v
+    return c
+
+
+def _base_type(hint):
+    for t in typing.get_args(hint) or (hint,):
+        if t in (int, float, str, bool):
+            return t
+    return object
+
+
+def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A full config around a model section, with every other section at its defaults."""
+    c = ml_collections.ConfigDict()
+    c.model = model
+    c.data = _data_module().data_defaults()
+    c.train = train_defaults()
+    c.mesh = mesh_defaults()
+    c.checkpoint = checkpoint_defaults()
+    c.eval = eval_defaults()
+    return c
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The built-in default: MQAR (8 key-value pairs in 64 tokens, vocabulary 128) with a
+    2-layer attention-only Transformer (dim 64, 4 heads, RoPE, no MLP)."""
+    model = model_section("transformer", dim=64, n_layers=2, n_heads=4, ffn="none", vocab_size=None,
+                          max_len=64)
+    c = base_config(model)
+    c.data.source = "mqar"
+    c.data.seq_len = 64
+    c.data.vocab_size = 128
+    c.data.num_kv_pairs = 8
+    return c
+
+
+# ----------------------------------------------------------------------------- resolution
+
+_SECTIONS = ("model", "data", "train", "mesh", "checkpoint", "eval")
+
+
+def _check_keys(section: str, cfg: ml_collections.ConfigDict, ref: ml_collections.ConfigDict):
+    for key in cfg.keys():
+        if key not in ref:
+            raise ConfigError(f"unknown config key {section}.{key} (known: {', '.join(sorted(ref.keys()))})")
+
+
+def _need(cond: bool, msg: str):
+    if not cond:
+        raise ConfigError(msg)
+
+
+def resolve(cfg: ml_collections.ConfigDict, *, device_count: int | None = None):
+    """Validate every section and fill derived values. Returns (resolved ConfigDict, model cfg).
+
+    Raises ConfigError (a ValueError) with one line naming the key; nothing is compiled.
+    """
+    cfg = ml_collections.ConfigDict(cfg.to_dict())  # a detached copy, placeholders resolved
+    for key in cfg.keys():
+        if key not in _SECTIONS:
+            raise ConfigError(f"unknown config section {key!r} (known: {', '.join(_SECTIONS)})")
+    for s in _SECTIONS:
+        if s not in cfg:
+            raise ConfigError(f"config has no {s!r} section")
+    data_lib = _data_module()
+    _check_keys("train", cfg.train, train_defaults())
+    _check_keys("mesh", cfg.mesh, mesh_defaults())
+    _check_keys("checkpoint", cfg.checkpoint, checkpoint_defaults())
+    _check_keys("eval", cfg.eval, eval_defaults())
+    _check_keys("data", cfg.data, data_lib.data_defaults())
+    try:
+        data_lib.validate(cfg.data)
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        raise ConfigError(_one_line(e)) from None
+
+    # model
+    _need("name" in cfg.model, "config key model.name is missing (a zoo registry name)")
+    name = cfg.model.name
+    if name not in zoo.names():
+        raise ConfigError(f"model.name={name!r} is not a registered model (known: {', '.join(zoo.names())})")
+    fields = {k: v for k, v in cfg.model.items() if k != "name" and v is not None}
+    data_vocab = int(data_lib.vocab_size(cfg.data))
+    if "vocab_size" in {f.name for f in dataclasses.fields(zoo.get(name).config_cls)}:
+        if fields.get("vocab_size") is None:
+            fields["vocab_size"] = data_vocab
+            cfg.model.vocab_size = data_vocab
+        _need(int(fields["vocab_size"]) >= data_vocab,
+              f"model.vocab_size={fields['vocab_size']} is smaller than the data's vocabulary ({data_vocab})")
+    for k, v in list(fields.items()):
+        if isinstance(v, list):
+            fields[k] = tuple(v)
+    try:
+        model_cfg = zoo.make_config(name, fields)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(_one_line(e)) from None
+    entry = zoo.get(name)
+    max_len = entry.max_len(model_cfg)
+    _need(max_len is None or max_len >= cfg.data.seq_len,
+          f"data.seq_len={cfg.data.seq_len} exceeds the model's max_len {max_len} (learned positions)")
+    if cfg.data.get("pack", False):
+        _need(entry.resets, f"data.pack=True but model {name!r} cannot reset its state at document starts")
+    remat = getattr(model_cfg, "remat", "none")
+    if remat != "none":
+        from zoo.lm import remat_policy
+        try:
+            remat_policy(remat)
+        except ValueError as e:
+            raise ConfigError(f"model.remat: {_one_line(e)}") from None
+    cd = getattr(model_cfg, "compute_dtype", "float32")
+    _need(cd in ("float32", "bfloat16", "float16"),
+          f"model.compute_dtype={cd!r} is not one of float32, bfloat16, float16")
+
+    # train
+    t = cfg.train
+    _need(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
+    _need(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be >= 1")
+    _need(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
+    _need(t.batch_size % t.grad_accum == 0,
+          f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    _need(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _need(0 <= t.warmup_steps <= t.steps, f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps]")
+    _need(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    _need(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+    _need(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1 and train.b2 must be in [0, 1)")
+    _need(t.clip_norm >= 0, f"train.clip_norm={t.clip_norm} must be >= 0")
+    _need(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
+    _need(t.stop_at_step >= 0, f"train.stop_at_step={t.stop_at_step} must be >= 0")
+    for k, v in t.aux_weights.items():
+        _need(isinstance(v, (int, float)), f"train.aux_weights.{k}={v!r} must be a number")
+
+    # mesh
+    m = cfg.mesh
+    shape = tuple(m.shape)
+    _need(len(shape) == 3, f"mesh.shape={shape} must have 3 entries (data, fsdp, tensor)")
+    _need(all(isinstance(s, int) and (s >= 1 or s == -1) for s in shape),
+          f"mesh.shape={shape}: entries must be positive or a single -1")
+    _need(shape.count(-1) <= 1, f"mesh.shape={shape}: at most one -1")
+    _need(m.distributed in ("auto", "on", "off"), f"mesh.distributed={m.distributed!r} is not one of auto, on, off")
+    _need(m.num_cpu_devices >= 0, f"mesh.num_cpu_devices={m.num_cpu_devices} must be >= 0")
+    if device_count is not None:
+        n = device_count
+        fixed = 1
+        for s in shape:
+            fixed *= s if s != -1 else 1
+        _need(n % fixed == 0 and (-1 in shape or fixed == n),
+              f"mesh.shape={shape} does not fit the {n} available devices")
+        full = tuple(s if s != -1 else n // fixed for s in shape)
+        cfg.mesh.shape = full
+        dp = full[0] * full[1]
+        _need(t.batch_size // t.grad_accum % dp == 0,
+              f"train.batch_size={t.batch_size} / grad_accum={t.grad_accum} is not divisible by "
+              f"the data-parallel size {dp} (mesh data x fsdp)")
+        _need(cfg.eval.batch_size % dp == 0,
+              f"eval.batch_size={cfg.eval.batch_size} is not divisible by the data-parallel size {dp}")
+
+    # checkpoint / eval
+    c = cfg.checkpoint
+    _need(c.every >= 1, f"checkpoint.every={c.every} must be >= 1")
+    _need(c.keep >= 1, f"checkpoint.keep={c.keep} must be >= 1")
+    if not c.dir:
+        c.dir = os.path.join("runs", f"{name}_{cfg.data.source}")
+    e = cfg.eval
+    _need(e.every >= 0, f"eval.every={e.every} must be >= 0")
+    _need(e.batch_size >= 1, f"eval.batch_size={e.batch_size} must be >= 1")
+    _need(e.max_batches >= 0, f"eval.max_batches={e.max_batches} must be >= 0")
+    return cfg, model_cfg
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    msg = msg[0] if msg else type(e).__name__
+    return msg.strip("'\"")
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    return json.dumps(to_jsonable(cfg), indent=2, sort_keys=True)
+
+
+def to_jsonable(cfg) -> dict:
+    def conv(x):
+        if isinstance(x, (ml_collections.ConfigDict, dict)):
+            return {str(k): conv(v) for k, v in (x.items())}
+        if isinstance(x, (list, tuple)):
+            return [conv(v) for v in x]
+        return x
+    return conv(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
+
+
+def from_jsonable(d: dict) -> ml_collections.ConfigDict:
+    d = dict(d)
+    if "mesh" in d and "shape" in d["mesh"]:
+        d["mesh"] = dict(d["mesh"], shape=tuple(d["mesh"]["shape"]))
+    return ml_collections.ConfigDict(d)
+
+
+def model_config_from(cfg: ml_collections.ConfigDict):
+    """(name, typed model config) of a resolved config."""
+    name = cfg.model.name
+    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.model.items()
+              if k != "name" and v is not None}
+    return name, zoo.make_config(name, fields)

@@ -1,0 +1,89 @@
+"""Run logs: metrics.jsonl (one JSON object per logged step or eval), TensorBoard event files
+(tensorboardX) under tb/, and the live progress line."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+class MetricsWriter:
+    """Appends JSON lines to run_dir/metrics.jsonl and scalars to run_dir/tb (process 0 only)."""
+
+    def __init__(self, run_dir: str, enabled: bool = True):
+        self.enabled = enabled
+        self._tb = None
+        self._f = None
+        if enabled:
+            os.makedirs(run_dir, exist_ok=True)
+            self._f = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        rec = {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (int, str)) else v)
+               for k, v in record.items()}
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+        step = int(rec["step"])
+        prefix = rec.get("split", "train")
+        for k, v in rec.items():
+            if k in ("step", "split") or not isinstance(v, (int, float)):
+                continue
+            self._tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._tb.close()
+            self._f = self._tb = None
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def fmt_time(s: float) -> str:
+    s = int(max(s, 0))
+    h, r = divmod(s, 3600)
+    m, s = divmod(r, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class Progress:
+    """The live progress line: step, loss, tokens/s, MFU, ETA (rewritten in place on a TTY)."""
+
+    def __init__(self, total_steps: int, enabled: bool = True, stream=None):
+        self.total = total_steps
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.t0 = time.perf_counter()
+
+    def line(self, step: int, loss: float, tokens_per_s: float, mfu: float | None,
+             eta_s: float) -> str:
+        mfu_s = "  n/a" if mfu is None else f"{100 * mfu:5.1f}%"
+        return (f"step {step:>6d}/{self.total}  loss {loss:8.4f}  {tokens_per_s:10,.0f} tok/s  "
+                f"MFU {mfu_s}  ETA {fmt_time(eta_s)}")
+
+    def update(self, *args) -> None:
+        if not self.enabled:
+            return
+        text = self.line(*args)
+        if self.tty:
+            self.stream.write("\r" + text + "\033[K")
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r\033[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()

@@ -1,0 +1,425 @@
+"""The trainer: a functional, sharded train step over (graphdef, params) and the loop around it.
+
+    state   params (pure dict of the model's nnx state, float32), opt_state (optax), step (int32)
+    step    jax.jit with NamedSharding in/out shardings from train.sharding's rules, donated state
+    loop    grain iterator -> global arrays (each process its own rows) -> step; progress line,
+            metrics.jsonl + TensorBoard, periodic held-out eval, async orbax checkpoints, resume
+            from the latest complete step, SIGTERM -> save and exit.
+
+Objective of one optimizer step over a global batch split into `grad_accum` micro-batches:
+    sum over micro-batches of ce_sum_i / n_tokens(global batch)
+    + sum over named aux terms of weight * mean over micro-batches of the term
+so that for per-token losses accumulation equals the big batch exactly (up to float summation
+order). The aux terms are the model's `aux_terms(aux)` (statistics summed over the whole global
+batch inside a micro-batch), weighted by name from `train.aux_weights`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import zoo
+from train import checkpoint as ckpt
+from train import config as config_lib
+from train import mfu as mfu_lib
+from train import optim
+from train import sharding as sh
+from train.metrics import MetricsWriter, Progress, fmt_time
+from zoo import lm
+
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids")
+
+
+# ----------------------------------------------------------------------------- pure steps
+
+def make_train_step(graphdef, opt: optax.GradientTransformation, *,
+                    aux_weights: Mapping[str, float] | None = None, grad_accum: int = 1,
+                    dropout_seed: int | None = None, batch_spec: P | None = None):
+    """step(params, opt_state, step, batch) -> (params, opt_state, step + 1, metrics).
+
+    metrics: loss (objective), ce (mean cross-entropy over loss_mask), ce_sum, n_tokens,
+    aux/<name> (mean over micro-batches), grad_norm, lr-free (the schedule lives in optax).
+    """
+    aux_weights = dict(aux_weights or {})
+
+    def micro_loss(params, mb, n_total, key):
+        _, m = lm.loss(graphdef, params, mb, key=key)
+        names = {k[4:] for k in m if k.startswith("aux/")}
+        for name in aux_weights:
+            if name not in names:
+                raise config_lib.ConfigError(
+                    f"train.aux_weights.{name}: the model has no auxiliary term {name!r} "
+                    f"(it has: {', '.join(sorted(names)) or 'none'})")
+        obj = m["ce_sum"] / n_total
+        for name, w in aux_weights.items():
+            obj = obj + w * m[f"aux/{name}"] / grad_accum
+        out = {"ce_sum": m["ce_sum"], "n_tokens": m["n_tokens"]}
+        out.update({k: v / grad_accum for k, v in m.items() if k.startswith("aux/")})
+        return obj, out
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step_fn(params, opt_state, step, batch):
+        batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
+        if "loss_mask" not in batch:
+            batch["loss_mask"] = jnp.ones(batch["inputs"].shape, jnp.float32)
+        n_total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        base = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), step)
+        if grad_accum == 1:
+            (obj, m), grads = grad_fn(params, batch, n_total, base)
+        else:
+            def split(x):
+                # micro-batch j takes rows j, j+A, j+2A, ...: every data shard contributes to
+                # every micro-batch, so the split needs no communication
+                B = x.shape[0]
+                y = x.reshape(B // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+                if batch_spec is not None:
+                    y = jax.lax.with_sharding_constraint(
+                        y, P(None, *batch_spec, *([None] * (y.ndim - 1 - len(batch_spec)))))
+                return y
+            micro = {k: split(v) for k, v in batch.items()}
+
+            def body(carry, xs):
+                i, mb = xs
+                key = None if base is None else jax.random.fold_in(base, i)
+                (obj, m), g = grad_fn(params, mb, n_total, key)
+                acc_g, acc_obj, acc_m = carry
+                acc_g = jax.tree.map(jnp.add, acc_g, g)
+                acc_m = jax.tree.map(jnp.add, acc_m, m)
+                return (acc_g, acc_obj + obj, acc_m), None
+
+            zeros_g = jax.tree.map(jnp.zeros_like, params)
+            m_shape = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda v: v[0], micro),
+                                                     n_total, base)[0][1])
+            zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+            (grads, obj, m), _ = jax.lax.scan(
+                body, (zeros_g, jnp.zeros((), jnp.float32), zeros_m),
+                (jnp.arange(grad_accum), micro))
+        updates, opt_state = opt.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = dict(m)
+        metrics["loss"] = obj
+        metrics["ce"] = m["ce_sum"] / n_total
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return params, opt_state, step + 1, metrics
+
+    return step_fn
+
+
+def make_eval_step(graphdef):
+    """eval(params, batch) -> {ce_sum, n_tokens, correct}: sums over loss_mask positions."""
+    def eval_fn(params, batch):
+        logits, _, _ = lm.forward(graphdef, params, batch["inputs"],
+                                  segment_ids=batch.get("segment_ids"))
+        w = batch.get("loss_mask")
+        if w is None:
+            w = jnp.ones(batch["inputs"].shape, jnp.float32)
+        ce_sum, n = lm.cross_entropy(logits, batch["targets"], w)
+        pred = jnp.argmax(logits, axis=-1)
+        correct = jnp.sum((pred == batch["targets"]).astype(jnp.float32) * w)
+        return {"ce_sum": ce_sum, "n_tokens": n, "correct": correct}
+    return eval_fn
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+def _data():
+    from train import data
+    return data
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything derived from a resolved config before training starts."""
+    cfg: Any
+    model_name: str
+    model_cfg: Any
+    mesh: Any
+    graphdef: Any
+    abstract_params: dict
+    param_shardings: dict
+    opt: optax.GradientTransformation
+    opt_shardings: Any
+    train_step: Any          # the pure step function
+    eval_step: Any
+    batch_spec: P
+    flops_per_token: float
+
+
+def build_setup(cfg, model_cfg) -> Setup:
+    name = cfg.model.name
+    mesh = sh.make_mesh(tuple(cfg.mesh.shape))
+    graphdef, state = ckpt.abstract_model(name, model_cfg, cfg.train.seed)
+    abstract_params = state.to_pure_dict()
+    p_sh = sh.param_shardings(state, mesh).to_pure_dict()
+    opt = optim.make_optimizer(cfg.train)
+    abstract_opt = jax.eval_shape(opt.init, abstract_params)
+    o_sh = optim.opt_state_shardings(opt, abstract_opt, p_sh, mesh)
+    t = cfg.train
+    step = make_train_step(graphdef, opt, aux_weights=dict(t.aux_weights), grad_accum=t.grad_accum,
+                           dropout_seed=(t.seed + 1 if t.dropout else None),
+                           batch_spec=sh.BATCH_AXES_SPEC)
+    model = nnx.merge(graphdef, state)
+    fpt = mfu_lib.flops_per_token(model, cfg.data.seq_len)
+    return Setup(cfg=cfg, model_name=name, model_cfg=model_cfg, mesh=mesh, graphdef=graphdef,
+                 abstract_params=abstract_params, param_shardings=p_sh, opt=opt,
+                 opt_shardings=o_sh, train_step=step, eval_step=make_eval_step(graphdef),
+                 batch_spec=sh.BATCH_AXES_SPEC, flops_per_token=fpt)
+
+
+def abstract_batch(cfg, batch_size: int | None = None) -> dict:
+    B = batch_size or cfg.train.batch_size
+    T = cfg.data.seq_len
+    b = {"inputs": jax.ShapeDtypeStruct((B, T), jnp.int32),
+         "targets": jax.ShapeDtypeStruct((B, T), jnp.int32),
+         "loss_mask": jax.ShapeDtypeStruct((B, T), jnp.float32)}
+    if cfg.data.get("pack", False):
+        b["segment_ids"] = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    return b
+
+
+def eval_shape_step(cfg):
+    """`jax.eval_shape` of one train step of a config (nothing allocated, nothing compiled).
+
+    Returns (abstract new params, abstract metrics)."""
+    cfg, model_cfg = config_lib.resolve(cfg)
+    name = cfg.model.name
+    graphdef, state = ckpt.abstract_model(name, model_cfg, cfg.train.seed)
+    params = state.to_pure_dict()
+    opt = optim.make_optimizer(cfg.train)
+    opt_state = jax.eval_shape(opt.init, params)
+    t = cfg.train
+    step = make_train_step(graphdef, opt, aux_weights=dict(t.aux_weights), grad_accum=t.grad_accum,
+                           dropout_seed=(t.seed + 1 if t.dropout else None))
+    new_p, _, _, metrics = jax.eval_shape(step, params, opt_state,
+                                          jax.ShapeDtypeStruct((), jnp.int32), abstract_batch(cfg))
+    return new_p, metrics
+
+
+def init_params(s: Setup) -> dict:
+    """Initialise parameters directly into their shardings (same values on any mesh)."""
+    name, mcfg, seed = s.model_name, s.model_cfg, s.cfg.train.seed
+
+    def init():
+        return nnx.split(zoo.build(name, mcfg, nnx.Rngs(params=seed)))[1].to_pure_dict()
+    return jax.jit(init, out_shardings=s.param_shardings)()
+
+
+def to_global(batch: Mapping[str, np.ndarray], mesh, spec: P) -> dict:
+    """This process's rows -> global arrays sharded over the batch axes."""
+    out = {}
+    for k, v in batch.items():
+        if k not in BATCH_KEYS:
+            continue
+        v = np.asarray(v)
+        sharding = NamedSharding(mesh, P(*spec, *([None] * (v.ndim - len(spec)))))
+        gshape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+        out[k] = jax.make_array_from_process_local_data(sharding, v, gshape)
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class Trainer:
+    """One training run in a run directory (resumes from its latest complete checkpoint)."""
+
+    def __init__(self, cfg, model_cfg, *, verbose: bool = True):
+        self.cfg = cfg
+        self.s = build_setup(cfg, model_cfg)
+        self.run_dir = os.path.abspath(cfg.checkpoint.dir)
+        self.is_main = jax.process_index() == 0
+        self.verbose = verbose and self.is_main
+        self._stop_signal = False
+        s, mesh = self.s, self.s.mesh
+        rep = NamedSharding(mesh, P())
+        bspec = s.batch_spec
+        self.batch_sharding = NamedSharding(mesh, P(*bspec, None))
+        self.step_fn = jax.jit(s.train_step,
+                               in_shardings=(s.param_shardings, s.opt_shardings, rep, self.batch_sharding),
+                               out_shardings=(s.param_shardings, s.opt_shardings, rep, rep),
+                               donate_argnums=(0, 1, 2))
+        self.eval_fn = jax.jit(s.eval_step, in_shardings=(s.param_shardings, self.batch_sharding),
+                               out_shardings=rep)
+
+    # -- data
+    def train_iterator(self):
+        c = self.cfg
+        return _data().make_iterator(c.data, split="train", global_batch=c.train.batch_size,
+                                     seed=c.data.seed, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+
+    def val_iterator(self):
+        c = self.cfg
+        return _data().make_iterator(c.data, split="val", global_batch=c.eval.batch_size,
+                                     seed=c.data.seed, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+
+    def evaluate(self, params) -> dict:
+        tot = {"ce_sum": 0.0, "n_tokens": 0.0, "correct": 0.0}
+        n = 0
+        for batch in self.val_iterator():
+            out = self.eval_fn(params, to_global(batch, self.s.mesh, self.s.batch_spec))
+            for k in tot:
+                tot[k] += float(out[k])
+            n += 1
+            if self.cfg.eval.max_batches and n >= self.cfg.eval.max_batches:
+                break
+        nt = max(tot["n_tokens"], 1.0)
+        return {"val_loss": tot["ce_sum"] / nt, "val_accuracy": tot["correct"] / nt,
+                "val_tokens": tot["n_tokens"], "val_batches": n}
+
+    # -- signals
+    def _on_sigterm(self, signum, frame):
+        self._stop_signal = True
+
+    def _stop_requested(self) -> bool:
+        flag = self._stop_signal
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+        return flag
+
+    def log(self, text: str) -> None:
+        if self.verbose:
+            print(text, flush=True)
+
+    def run(self) -> dict:
+        cfg, s = self.cfg, self.s
+        t = cfg.train
+        os.makedirs(self.run_dir, exist_ok=True)
+        cfg_json = config_lib.to_jsonable(cfg)
+        if self.is_main:
+            with open(os.path.join(self.run_dir, ckpt.CONFIG_JSON), "w") as f:
+                json.dump(cfg_json, f, indent=2, sort_keys=True)
+        mngr = ckpt.make_manager(self.run_dir, keep=cfg.checkpoint.keep,
+                                 async_save=cfg.checkpoint.async_save)
+        writer = MetricsWriter(self.run_dir, enabled=self.is_main)
+        old_handler = None
+        try:
+            old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        except ValueError:   # not the main thread
+            pass
+        try:
+            return self._run(mngr, writer, cfg_json)
+        finally:
+            mngr.wait_until_finished()
+            mngr.close()
+            writer.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+
+    def _run(self, mngr, writer, cfg_json) -> dict:
+        cfg, s = self.cfg, self.s
+        t = cfg.train
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_params))
+        self.log(f"model {s.model_name}: {n_params:,} parameters; mesh {dict(s.mesh.shape)} on "
+                 f"{jax.device_count()} {jax.devices()[0].platform} devices, "
+                 f"{jax.process_count()} process(es); run dir {self.run_dir}")
+        it = self.train_iterator()
+        params = init_params(s)
+        opt_state = jax.jit(s.opt.init, out_shardings=s.opt_shardings)(params)
+        step = jax.device_put(np.int32(0), NamedSharding(s.mesh, P()))
+        start = 0
+        latest = mngr.latest_step()
+        if latest is not None:
+            target = jax.tree.map(
+                lambda a, sd: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sd),
+                {"params": params, "opt_state": opt_state, "step": step},
+                {"params": s.param_shardings, "opt_state": s.opt_shardings,
+                 "step": NamedSharding(s.mesh, P())})
+            restored = ckpt.restore_state(mngr, latest, target, it)
+            params, opt_state, step = restored["params"], restored["opt_state"], restored["step"]
+            start = int(step)
+            self.log(f"resumed from {ckpt.checkpoint_dir(self.run_dir)} at step {start}")
+        end = t.steps if not t.stop_at_step else min(t.steps, t.stop_at_step)
+
+        peak = mfu_lib.total_peak_flops(probe=t.mfu_probe)
+        tokens_per_step = t.batch_size * cfg.data.seq_len
+        losses: dict[int, float] = {}
+        history = []
+        status = "done"
+        t_start = time.perf_counter()
+        compile_s = 0.0
+        last_t, last_step = None, start
+        pending = None  # (step, metrics) not yet fetched
+        progress = Progress(t.steps, enabled=self.verbose)
+        for k in range(start, end):
+            batch = to_global(next(it), s.mesh, s.batch_spec)
+            if k == start:
+                tc = time.perf_counter()
+                compiled = self.step_fn.lower(params, opt_state, step, batch).compile()
+                compile_s = time.perf_counter() - tc
+                self.log(f"compiled the train step in {compile_s:.1f} s; "
+                         f"{s.flops_per_token / 1e6:.2f} MFLOP/token (analytic)")
+            params, opt_state, step, metrics = self.step_fn(params, opt_state, step, batch)
+            done = k + 1
+            if last_t is None:
+                jax.block_until_ready(metrics)
+                last_t, last_step = time.perf_counter(), done
+            if done % t.log_every == 0 or done == end:
+                m = jax.device_get(metrics)
+                now = time.perf_counter()
+                dt = now - last_t
+                tps = (done - last_step) * tokens_per_step / dt if done > last_step else float("nan")
+                mfu = (s.flops_per_token * tps / peak) if peak and done > last_step else None
+                steps_s = (done - last_step) / dt if done > last_step else 0.0
+                eta = (t.steps - done) / steps_s if steps_s else 0.0
+                rec = {"step": done, "loss": float(m["loss"]), "ce": float(m["ce"]),
+                       "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps,
+                       "mfu": mfu, "lr": float(optim.schedule(t)(done - 1)),
+                       "elapsed_s": now - t_start}
+                rec.update({k2: float(v) for k2, v in m.items() if k2.startswith("aux/")})
+                writer.write(rec)
+                history.append(rec)
+                losses[done] = rec["loss"]
+                progress.update(done, rec["loss"], tps, mfu, eta)
+                last_t, last_step = now, done
+            if cfg.eval.every and done % cfg.eval.every == 0 and done != end:
+                ev = self.evaluate(params)
+                writer.write({"step": done, "split": "val", **ev})
+                progress.message(f"eval @ step {done}: val_loss {ev['val_loss']:.4f}  "
+                                 f"val_accuracy {ev['val_accuracy']:.4f}")
+            if done % cfg.checkpoint.every == 0 and done != end:
+                ckpt.save(mngr, done, {"params": params, "opt_state": opt_state, "step": step},
+                          cfg_json, it)
+            if self._stop_requested():
+                status = "preempted"
+                end = done
+                break
+        train_s = time.perf_counter() - t_start
+        final = int(step)
+        if mngr.latest_step() != final:
+            ckpt.save(mngr, final, {"params": params, "opt_state": opt_state, "step": step},
+                      cfg_json, it)
+        mngr.wait_until_finished()
+        ev = self.evaluate(params)
+        writer.write({"step": final, "split": "val", **ev})
+        if status == "preempted":
+            self.log(f"SIGTERM: saved step {final} and stopped")
+        self.log(f"final @ step {final}: val_loss {ev['val_loss']:.4f}  "
+                 f"val_accuracy {ev['val_accuracy']:.4f}  (train {fmt_time(train_s)}, "
+                 f"compile {compile_s:.1f} s)")
+        self.log(f"checkpoints: {ckpt.checkpoint_dir(self.run_dir)}  (steps {mngr.all_steps()})")
+        self.log(f"metrics:     {os.path.join(self.run_dir, 'metrics.jsonl')}")
+        self.log(f"tensorboard: tensorboard --logdir {os.path.join(self.run_dir, 'tb')}")
+        return {"status": status, "step": final, "losses": losses, "history": history,
+                "eval": ev, "params": params, "train_s": train_s, "compile_s": compile_s,
+                "run_dir": self.run_dir}
+
+
+def train(cfg, *, verbose: bool = True) -> dict:
+    """Resolve `cfg` against the current devices and run it (JAX already set up)."""
+    cfg, model_cfg = config_lib.resolve(cfg, device_count=jax.device_count())
+    return Trainer(cfg, model_cfg, verbose=verbose).run()
