@@ -94,6 +94,23 @@ def test_mqar_gaps_follow_power_law():
     assert first > 2 * last
 
 
+def test_weighted_sampling_matches_sequential_draws():
+    # ordered pairs drawn without replacement: P(i, j) = p_i * p_j / (1 - p_i)
+    p = np.array([0.4, 0.3, 0.2, 0.1])
+    rng = np.random.default_rng(0)
+    n = 20000
+    counts = np.zeros((4, 4))
+    for _ in range(n):
+        i, j = S.weighted_sample_without_replacement(rng, np.log(p), 2)
+        counts[i, j] += 1
+    exact = p[:, None] * p[None, :] / (1 - p[:, None])
+    np.fill_diagonal(exact, 0.0)
+    assert np.abs(counts / n - exact).max() < 0.012
+    assert np.all(np.diag(counts) == 0)
+    full = S.weighted_sample_without_replacement(rng, np.log(p), 4)
+    assert sorted(full.tolist()) == [0, 1, 2, 3]
+
+
 def test_mqar_determinism_and_streams():
     kw = dict(seq_len=64, num_kv_pairs=8, vocab_size=128)
     a = S.generate(S.mqar, seed=5, n=6, stream=S.TRAIN_STREAM, **kw)

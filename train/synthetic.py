@@ -87,6 +87,22 @@ def _gap_weights(space: int, a: float) -> np.ndarray:
     return w / w.sum()
 
 
+@lru_cache(maxsize=64)
+def _log_gap_weights(space: int, a: float) -> np.ndarray:
+    return np.log(_gap_weights(space, a))
+
+
+def weighted_sample_without_replacement(rng: np.random.Generator, log_p: np.ndarray,
+                                        k: int) -> np.ndarray:
+    """k distinct indices, in draw order, with the distribution of sequential weighted draws
+    without replacement (NumPy `choice(n, k, replace=False, p=p)`: each draw proportional to p
+    over the items left). Gumbel-top-k (Efraimidis-Spirakis): the indices of the k largest
+    `log p + Gumbel` in decreasing order have exactly that distribution, at O(n) cost."""
+    g = log_p - np.log(-np.log(rng.random(log_p.shape[0])))
+    top = np.argpartition(-g, k - 1)[:k] if k < g.shape[0] else np.arange(g.shape[0])
+    return top[np.argsort(-g[top], kind="stable")]
+
+
 def mqar(rng: np.random.Generator, *, seq_len: int, num_kv_pairs: int, vocab_size: int,
          power_a: float = 0.01, random_non_queries: bool = False, num_passes: int = 1) -> dict:
     """Multi-query associative recall (Zoology `multiquery_ar`; specs/tasks.md §1).
@@ -95,7 +111,8 @@ def mqar(rng: np.random.Generator, *, seq_len: int, num_kv_pairs: int, vocab_siz
     Keys are D distinct tokens of {1..V/2-1} (0 is never a key), values D distinct tokens of
     {V/2..V-1}. The context block `k1 v1 ... kD vD` (repeated `num_passes` times, length c) is
     followed by a zero query block where key j sits at offset `2*gap_j`; the D distinct gaps are
-    drawn from {0..(T-c)//2-1} without replacement with power-law weights `a*i^(a-1)`. The label
+    drawn from {0..(T-c)//2-1} sequentially without replacement with power-law weights
+    `a*i^(a-1)` (NumPy `choice(replace=False, p=w)` semantics, sampled by Gumbel-top-k). The label
     at the position of each queried key is its value; every other label is IGNORE. With
     `random_non_queries` every 0 of the inputs becomes a uniform token of {0..V-1} drawn from
     `rng` (so the noise is reproducible from the seed, unlike Zoology's torch draw).
@@ -107,13 +124,13 @@ def mqar(rng: np.random.Generator, *, seq_len: int, num_kv_pairs: int, vocab_siz
     err = mqar_check(seq_len=T, num_kv_pairs=D, vocab_size=V, num_passes=P, power_a=power_a)
     if err:
         raise ValueError(err)
-    keys = rng.choice(np.arange(1, V // 2), size=D, replace=False)
-    values = rng.choice(np.arange(V // 2, V), size=D, replace=False)
+    keys = 1 + rng.choice(V // 2 - 1, size=D, replace=False)
+    values = V // 2 + rng.choice(V - V // 2, size=D, replace=False)
     block = np.stack([keys, values], axis=1).reshape(-1)
     context = np.tile(block, P)
     c = context.size
     space = (T - c) // 2
-    gaps = rng.choice(space, size=D, replace=False, p=_gap_weights(space, float(power_a)))
+    gaps = weighted_sample_without_replacement(rng, _log_gap_weights(space, float(power_a)), D)
     queries = np.zeros(T - c + 1, np.int64)
     queries[2 * gaps] = keys
     full = np.concatenate([context, queries])
