@@ -70,8 +70,8 @@ def attention(q: Array, k: Array, v: Array, *, q_pos: Array, k_pos: Array, q_gro
         return (m_new, l, acc), None
 
     init = (jnp.full((B, Hkv, rep, T), NEG, jnp.float32), jnp.zeros((B, Hkv, rep, T), jnp.float32),
-            jnp.zeros((B, Hkv, rep, T, d), jnp.float32))
+            jnp.zeros((B, Hkv, rep, T, v.shape[-1]), jnp.float32))
     (m, l, acc), _ = jax.lax.scan(body, init, (ks, vs, kpos, kgrp, kval, kalw, kbias))
     o = acc / jnp.where(l > 0, l, 1.0)[..., None]
     o = jnp.moveaxis(o, 3, 1)  # [B, T, Hkv, rep, d]
-    return o.reshape(B, T, H, d).astype(q.dtype)
+    return o.reshape(B, T, H, v.shape[-1]).astype(q.dtype)

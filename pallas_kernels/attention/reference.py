@@ -54,4 +54,4 @@ def attention(q: Array, k: Array, v: Array, *, q_pos: Array, k_pos: Array, q_gro
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, p.shape)
         p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
     o = jnp.einsum("bgrts,bsgd->btgrd", p, v.astype(jnp.float32))
-    return o.reshape(B, T, H, d).astype(q.dtype)
+    return o.reshape(B, T, H, v.shape[-1]).astype(q.dtype)
