@@ -209,9 +209,9 @@ def passkey_needle(key: int) -> str:
     return f"The pass key is {key}. Remember it. {key} is the pass key."
 
 
-def byte_tokenize(text: str) -> list[int]:
-    """The zoo's offline tokenizer: UTF-8 bytes (ids 0..255)."""
-    return list(text.encode("utf-8"))
+def byte_tokenize(text: str) -> np.ndarray:
+    """The zoo's offline tokenizer: UTF-8 bytes (ids 0..255), as an int32 array."""
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
 
 
 def _filler_string(n_chars: int) -> str:

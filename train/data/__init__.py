@@ -28,7 +28,7 @@ process, so a state saved by N processes also restores on M processes.
 from __future__ import annotations
 
 import collections
-import json
+import copy
 import os
 from typing import Any, Iterator, Mapping
 
@@ -419,7 +419,7 @@ def make_iterator(data_cfg, *, split: str, global_batch: int, seed: int, process
 # prefetch to device
 # ------------------------------------------------------------------------------------------------
 
-class DevicePrefetch:
+class DevicePrefetch(grain.DatasetIterator):
     """Iterates global jax Arrays built with `jax.make_array_from_process_local_data`, keeping
     `size` batches in flight. `get_state()` is the state of the wrapped iterator *before the next
     batch this object yields* (not of the batches already read ahead), so
@@ -428,6 +428,7 @@ class DevicePrefetch:
     """
 
     def __init__(self, iterator, sharding, size: int = 2):
+        super().__init__()
         self._it, self._sharding, self._size = iterator, sharding, max(int(size), 1)
         self._buf: collections.deque = collections.deque()
         self._done = False
@@ -442,7 +443,7 @@ class DevicePrefetch:
 
     def _fill(self):
         while not self._done and len(self._buf) < self._size:
-            state = self._it.get_state()
+            state = copy.deepcopy(self._it.get_state())
             try:
                 batch = next(self._it)
             except StopIteration:
@@ -461,19 +462,13 @@ class DevicePrefetch:
         self._fill()
         return batch
 
-    def get_state(self) -> bytes:
-        state = self._buf[0][0] if self._buf else self._it.get_state()
-        return json.dumps(state, indent=4).encode()
+    def get_state(self) -> dict:
+        return copy.deepcopy(self._buf[0][0] if self._buf else self._it.get_state())
 
-    def set_state(self, state) -> None:
-        if isinstance(state, (bytes, str)):
-            state = json.loads(state)
+    def set_state(self, state: dict) -> None:
         self._buf.clear()
         self._done = False
         self._it.set_state(state)
-
-    def start_prefetch(self) -> None:  # called by grain's CheckpointRestore
-        pass
 
 
 def device_prefetch(iterator, sharding, size: int = 2) -> DevicePrefetch:
