@@ -69,9 +69,7 @@ def latest(rows: Iterable[Mapping]) -> list[dict]:
     """De-duplicate by (run, step, task, setting, metric): the last row wins, first-seen order."""
     out: dict[tuple, dict] = {}
     for row in rows:
-        key = row_key(row)
-        out.pop(key, None)
-        out[key] = dict(row)
+        out[row_key(row)] = dict(row)     # an update keeps the first-seen position
     return list(out.values())
 
 
@@ -115,8 +113,11 @@ class ResultsStore:
             return
         data = "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows).encode("utf-8")
         os.makedirs(self.out_dir, exist_ok=True)
-        fd = os.open(self.jsonl, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.jsonl, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data     # never glue a row onto a foreign unterminated line
             written = os.write(fd, data)
             while written < len(data):      # regular files take the whole buffer; be safe anyway
                 written += os.write(fd, data[written:])

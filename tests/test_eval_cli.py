@@ -1,0 +1,216 @@
+"""End to end: `python -m eval` on run directories written with train/checkpoint's functions.
+
+The run holds two checkpoints of the built-in default config (MQAR, vocabulary 128) with a tiny
+Transformer: step 1 with initial parameters, step 2 with every parameter zero, whose logits are
+uniform, so its perplexity is exactly the vocabulary size and its MQAR accuracy is exactly 0
+(argmax of uniform logits is token 0, never a value token).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import zoo
+from eval.cli import main
+from eval.results import FIELDS, ResultsStore, markdown_table, read_rows
+from train import checkpoint as ckpt
+from train import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+V = 128
+
+
+def write_run(run_dir: str, **model_overrides) -> None:
+    cfg = config_lib.default_config()
+    cfg.model.dim = 16
+    cfg.model.n_heads = 2
+    for k, v in model_overrides.items():
+        cfg.model[k] = v
+    cfg.checkpoint.dir = run_dir
+    cfg.data.val_examples = 16
+    cfg, model_cfg = config_lib.resolve(cfg, device_count=jax.device_count())
+    cfg_json = config_lib.to_jsonable(cfg)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, ckpt.CONFIG_JSON), "w") as f:
+        json.dump(cfg_json, f)
+    model = zoo.build(cfg.model.name, model_cfg, rngs=0)
+    pure = nnx.split(model)[1].to_pure_dict()
+    zeros = jax.tree.map(jnp.zeros_like, pure)
+    mngr = ckpt.make_manager(run_dir, async_save=False)
+    for step, params in ((1, pure), (2, zeros)):
+        state = {"params": params, "opt_state": {"mu": params}, "step": np.int32(step)}
+        ckpt.save(mngr, step, state, cfg_json, None)
+    mngr.wait_until_finished()
+    mngr.close()
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        for s, loss in ((1, 4.9), (2, 4.8)):
+            f.write(json.dumps({"step": s, "loss": loss}) + "\n")
+        f.write(json.dumps({"step": 2, "split": "val", "val_loss": 4.85}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    write_run(str(root / "a"))
+    shutil.copytree(root / "a", root / "b")
+    return root
+
+
+def table_lines(out: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in out.splitlines() if line.startswith("|")]
+
+
+def test_eval_cli_rows_rerun_force_table(runs, capsys):
+    run = str(runs / "a")
+    argv = [f"--run_dir={run}", "--steps=all", "--tasks=ppl,mqar", "--mqar_kv=4,8",
+            "--lengths=64", "--n_examples=8", "--batch_size=8", "--ppl_batches=0",
+            "--no_progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    jsonl = os.path.join(run, "eval", "results.jsonl")
+    rows = read_rows(jsonl)
+    # 2 steps x (ppl: loss, ppl, tokens + mqar: 2 settings x (acc, exact)) = 2 x 7 rows
+    assert len(rows) == 14
+    assert all(set(r) == set(FIELDS) and r["run"] == "a" and r["model"] == "transformer"
+               for r in rows)
+    get = {(r["step"], r["task"], r["setting"], r["metric"]): r["value"] for r in rows}
+    assert get[(2, "ppl", "split=val", "ppl")] == pytest.approx(V, rel=1e-5)
+    assert get[(2, "ppl", "split=val", "loss")] == pytest.approx(np.log(V), rel=1e-6)
+    assert get[(2, "ppl", "split=val", "tokens")] == 16 * 8     # 16 held-out examples x 8 queries
+    assert get[(2, "mqar", "len=64,kv=4", "acc")] == 0.0
+    assert get[(2, "mqar", "len=64,kv=8", "exact")] == 0.0
+    assert 1.0 < get[(1, "ppl", "split=val", "ppl")] < 10 * V
+    # the CSV holds the same rows
+    with open(os.path.join(run, "eval", "results.csv")) as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [(r["step"], r["task"], r["setting"], r["metric"]) for r in csv_rows] == \
+        [(str(r["step"]), r["task"], r["setting"], r["metric"]) for r in rows]
+    # the markdown table: one line per (run, step, task, setting), metrics as columns
+    tab = table_lines(out)
+    head = tab[0]
+    assert head[:5] == ["run", "model", "step", "task", "setting"]
+    body = {(c[2], c[3], c[4]): dict(zip(head, c)) for c in tab[2:]}
+    assert len(body) == 6
+    assert body[("2", "ppl", "split=val")]["ppl"] == "128"
+    assert body[("2", "mqar", "len=64,kv=8")]["acc"] == "0"
+    # plots
+    pdir = os.path.join(run, "eval", "plots")
+    assert os.path.exists(os.path.join(pdir, "loss_curves.png"))
+    assert os.path.exists(os.path.join(pdir, "mqar_acc_vs_length.png"))
+
+    # rerun: everything is skipped, the table is printed again
+    assert main(argv) == 0
+    assert len(read_rows(jsonl)) == 14
+    assert table_lines(capsys.readouterr().out) == tab
+
+    # --force recomputes (the new rows supersede the old ones in the CSV and the table)
+    assert main(argv[:1] + ["--steps=2", "--tasks=ppl", "--force", "--no_progress",
+                            "--ppl_batches=0", "--batch_size=8"]) == 0
+    out = capsys.readouterr().out
+    assert len(read_rows(jsonl)) == 17
+    with open(os.path.join(run, "eval", "results.csv")) as f:
+        assert len(list(csv.DictReader(f))) == 14
+    (line,) = [c for c in table_lines(out)[2:]]
+    assert line[2:5] == ["2", "ppl", "split=val"]
+
+
+def test_eval_cli_glob_sweep_into_one_out_dir(runs, tmp_path, capsys):
+    out_dir = tmp_path / "sweep"
+    argv = [f"--run_dir={runs}/*", "--tasks=ppl", f"--out={out_dir}", "--ppl_batches=1",
+            "--batch_size=8", "--no_progress", "--no_plots"]
+    assert main(argv) == 0
+    rows = read_rows(str(out_dir / "results.jsonl"))
+    assert sorted({(r["run"], r["step"]) for r in rows}) == [("a", 2), ("b", 2)]
+    tab = table_lines(capsys.readouterr().out)
+    assert sorted(c[0] for c in tab[2:]) == ["a", "b"]
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_eval_cli_bad_input(runs, tmp_path, capsys):
+    base = ["--tasks=ppl", "--no_progress", "--no_plots", "--batch_size=8", "--ppl_batches=1"]
+    # missing directory
+    assert main([f"--run_dir={tmp_path}/nope"] + base) == 2
+    assert _error_line(capsys) == f"eval: error: run directory '{tmp_path}/nope' does not exist"
+    # a glob with no match
+    assert main([f"--run_dir={tmp_path}/nothing*"] + base) == 2
+    assert "no run directory matches" in _error_line(capsys)
+    # not a run directory (no config.json)
+    (tmp_path / "empty").mkdir()
+    assert main([f"--run_dir={tmp_path}/empty"] + base) == 2
+    assert "not a seqzoo run directory" in _error_line(capsys)
+    # a run with no checkpoint
+    (tmp_path / "nockpt").mkdir()
+    shutil.copy(runs / "a" / "config.json", tmp_path / "nockpt" / "config.json")
+    assert main([f"--run_dir={tmp_path}/nockpt"] + base) == 2
+    assert _error_line(capsys) == f"eval: error: run directory '{tmp_path}/nockpt' has no checkpoint"
+    # a step that is not there
+    assert main([f"--run_dir={runs}/a", "--steps=7"] + base) == 2
+    assert "no checkpoint at step(s) 7" in _error_line(capsys)
+    # unknown task
+    assert main([f"--run_dir={runs}/a", "--tasks=nope"]) == 2
+    assert "unknown task 'nope'" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"dim": 32}, "has shape"),                 # a misshapen parameter
+    ({"n_layers": 3}, "has no parameter"),      # a missing parameter
+])
+def test_eval_cli_checkpoint_that_does_not_fit(runs, tmp_path, capsys, change, message):
+    bad = tmp_path / "bad"
+    shutil.copytree(runs / "a", bad)
+    cfg_path = bad / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"].update(change)
+    cfg_path.write_text(json.dumps(cfg))
+    assert main([f"--run_dir={bad}", "--tasks=ppl", "--no_progress", "--no_plots",
+                 "--batch_size=8", "--ppl_batches=1", f"--out={tmp_path}/o"]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("eval: error: ") and message in line
+    assert read_rows(str(tmp_path / "o" / "results.jsonl")) == []
+
+
+def test_eval_cli_subprocess_missing_dir(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "eval", f"--run_dir={tmp_path}/missing",
+                        "--tasks=ppl"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        f"eval: error: run directory '{tmp_path}/missing' does not exist"]
+    assert p.stdout == ""
+
+
+def test_results_store_rows_are_whole(tmp_path):
+    st = ResultsStore(str(tmp_path))
+    row = dict(run="r", model="m", step=3, task="t", setting="len=8", metric="acc", value=0.5)
+    st.append([row, dict(row, metric="exact", value=0.0)])
+    # an unterminated foreign line (e.g. a disk that filled up) is neither read nor glued to
+    with open(tmp_path / "results.jsonl", "a") as f:
+        f.write('{"run": "r", "model": "m", "st')
+    assert len(read_rows(str(tmp_path / "results.jsonl"))) == 2
+    st.append([dict(row, setting="len=16", value=1.0)])
+    rows = read_rows(str(tmp_path / "results.jsonl"))
+    assert [r["setting"] for r in rows] == ["len=8", "len=8", "len=16"]
+    st2 = ResultsStore(str(tmp_path))
+    assert st2.has("r", 3, "t", "len=16") and not st2.has("r", 3, "t", "len=32")
+    # a later row of the same key supersedes the earlier one
+    st2.append([dict(row, value=0.75)])
+    assert {(r["setting"], r["metric"]): r["value"] for r in st2.rows()}[("len=8", "acc")] == 0.75
+    tab = markdown_table(st2.rows()).splitlines()
+    assert tab[0] == "| run | model | step | task | setting | acc | exact |"
+    assert tab[2] == "| r | m | 3 | t | len=8 | 0.75 | 0 |"
+    assert tab[3] == "| r | m | 3 | t | len=16 | 1 |  |"
