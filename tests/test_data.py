@@ -393,3 +393,66 @@ def test_worker_processes_match_and_restore():
     it2 = data.make_iterator(c, split="train", global_batch=4, seed=0)
     it2.set_state(state)
     assert_batches_equal(take(it2, 4), expect)
+
+
+WORKER = r'''
+import sys
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from train import data
+
+def main(pid, port, out):
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                               process_id=pid, initialization_timeout=60,
+                               heartbeat_timeout_seconds=20, shutdown_timeout_seconds=20)
+    c = data.data_defaults()
+    c.vocab_size = 128
+    mesh = jax.make_mesh((4,), ("data",))
+    it = data.make_iterator(c, split="train", global_batch=8, seed=4,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+    pf = data.device_prefetch(it, NamedSharding(mesh, P("data")))
+    got = []
+    for _ in range(3):
+        b = next(pf)
+        assert b["inputs"].shape == (8, 64)
+        got.append(multihost_utils.process_allgather(b["inputs"], tiled=True))
+    if pid == 0:
+        np.save(out, np.stack(got))
+    jax.distributed.shutdown()
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+'''
+
+
+def test_two_processes_build_the_one_process_global_batch(tmp_path):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    import portpicker
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port = portpicker.pick_unused_port()
+    out = tmp_path / "got.npy"
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), XLA_FLAGS="")
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(out)],
+                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), logs
+    ref = take(data.make_iterator(cfg(vocab_size=128), split="train", global_batch=8, seed=4), 3)
+    np.testing.assert_array_equal(np.load(out), np.stack([b["inputs"] for b in ref]))
