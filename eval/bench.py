@@ -1,0 +1,140 @@
+"""Benchmarks: forward+backward speed and compiled memory of registered models and of each
+model's implementation forms (its reference form against its fast forms), measured in one run.
+
+    python -m eval.bench --models=transformer,mamba --seq_lens=256,1024 --batch=4 \
+        --set=dim=64,n_layers=2 [--steps=5] [--out=docs/bench.jsonl]
+
+Each model starts from the tiny config of its registered ConformanceSpec; `--set` overrides the
+fields a config has (others are ignored for that model). The variants of a model are its
+`reference` overrides and each of its `fast` overrides (`--set` wins over both, e.g. to bench a
+real kernel block size). Ratios are within this run: `vs_ref` is
+the variant's time over the model's reference form; `vs_<baseline>` is over the baseline model's
+first variant at the same length. Absolute times on a shared CPU are noisy; compare ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import zoo
+
+
+def _parse_set(text: str) -> dict:
+    out = {}
+    for item in filter(None, text.split(",")):
+        if "=" not in item:
+            raise ValueError(f"--set: expected key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def variants(name: str, overrides: dict):
+    spec = zoo.get(name).conformance
+    if spec is None:
+        raise ValueError(f"model {name!r} has no ConformanceSpec to start from")
+    fields = {f.name for f in dataclasses.fields(spec.config)}
+    base = dataclasses.replace(spec.config, **{k: v for k, v in overrides.items() if k in fields})
+    mine = {k: v for k, v in overrides.items() if k in fields}
+    out = [("reference", dataclasses.replace(base, **{**dict(spec.reference), **mine}))]
+    for fast in spec.fast:
+        label = ",".join(f"{k}={v}" for k, v in fast.items() if k not in mine)
+        out.append((label, dataclasses.replace(base, **{**dict(fast), **mine})))
+    return out
+
+
+def measure(name: str, cfg, batch: int, seq_len: int, steps: int) -> dict:
+    model = zoo.build(name, cfg, rngs=0)
+    graphdef, params = nnx.split(model)
+    x = jax.random.randint(jax.random.key(0), (batch, seq_len), 0, cfg.vocab_size, jnp.int32)
+    data = {"inputs": x, "targets": jnp.roll(x, -1, axis=1)}
+    step = jax.jit(jax.value_and_grad(lambda p, b: zoo.lm.loss(graphdef, p, b)[0]))
+    t0 = time.perf_counter()
+    compiled = step.lower(params, data).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+    jax.block_until_ready(compiled(params, data))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(params, data))
+        times.append(time.perf_counter() - t0)
+    sec = float(np.median(times))
+    return {"compile_s": round(compile_s, 3), "step_s": sec,
+            "tokens_per_s": batch * seq_len / sec, "temp_mib": None if temp is None else temp / 2**20}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="transformer")
+    ap.add_argument("--seq_lens", default="256")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--set", default="", help="config overrides key=value,... (applied where the field exists)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--baseline", default=None, help="model whose reference is the vs_<baseline> unit")
+    ap.add_argument("--only_fast", action="store_true", help="skip reference forms (long lengths)")
+    ap.add_argument("--out", default=None, help="append JSON rows to this file")
+    a = ap.parse_args(argv)
+    try:
+        names = [n for n in a.models.split(",") if n]
+        for n in names:
+            zoo.get(n)
+        lens = [int(s) for s in a.seq_lens.split(",")]
+        overrides = _parse_set(a.set)
+    except (KeyError, ValueError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    rows = []
+    base_time = {}
+    for T in lens:
+        for n in names:
+            ref_time = None
+            for label, cfg in variants(n, overrides):
+                if a.only_fast and label == "reference" and len(zoo.get(n).conformance.fast) > 0:
+                    continue
+                r = measure(n, cfg, a.batch, T, a.steps)
+                ref_time = ref_time or r["step_s"]
+                if a.baseline == n and T not in base_time:
+                    base_time[T] = r["step_s"]
+                row = {"model": n, "variant": label, "seq_len": T, "batch": a.batch, **r,
+                       "vs_ref": r["step_s"] / ref_time, "device": jax.devices()[0].device_kind}
+                rows.append(row)
+                print(f"{n:>14} {label:<28} T={T:<6} {r['tokens_per_s']:>10.0f} tok/s  "
+                      f"step {r['step_s'] * 1e3:8.1f} ms  compile {r['compile_s']:.1f}s  "
+                      f"x{row['vs_ref']:.2f} vs ref", flush=True)
+    if a.baseline:
+        for row in rows:
+            if row["seq_len"] in base_time:
+                row[f"vs_{a.baseline}"] = row["step_s"] / base_time[row["seq_len"]]
+    print()
+    cols = ["model", "variant", "seq_len", "tokens_per_s", "step_s", "vs_ref"] + (
+        [f"vs_{a.baseline}"] if a.baseline else []) + ["temp_mib", "compile_s"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for row in rows:
+        cells = []
+        for c in cols:
+            v = row.get(c)
+            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+        print("| " + " | ".join(cells) + " |")
+    if a.out:
+        with open(a.out, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
