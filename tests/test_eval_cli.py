@@ -214,3 +214,22 @@ def test_results_store_rows_are_whole(tmp_path):
     assert tab[0] == "| run | model | step | task | setting | acc | exact |"
     assert tab[2] == "| r | m | 3 | t | len=8 | 0.75 | 0 |"
     assert tab[3] == "| r | m | 3 | t | len=16 | 1 |  |"
+
+
+def test_eval_cli_learned_positions_report_their_limit(tmp_path, capsys):
+    """A model with learned positions (max_len 64) is not run past its limit: the setting gets
+    one row "skipped_over_max_len" = 64; lengths within the limit are scored."""
+    run = str(tmp_path / "lp")
+    write_run(run, pos_embed="learned", rope_base=None)
+    assert main([f"--run_dir={run}", "--tasks=passkey,selective_copying", "--lengths=64,128",
+                 "--passkey_depths=0.5", "--copy_tokens=8", "--n_examples=8", "--batch_size=8",
+                 "--no_progress", "--no_plots"]) == 0
+    rows = read_rows(os.path.join(run, "eval", "results.jsonl"))
+    got = {(r["task"], r["setting"], r["metric"]): r["value"] for r in rows}
+    assert got[("passkey", "len=128,depth=0.5", "skipped_over_max_len")] == 64
+    assert got[("selective_copying", "len=128", "skipped_over_max_len")] == 64
+    assert 0.0 <= got[("passkey", "len=64,depth=0.5", "acc")] <= 1.0
+    assert 0.0 <= got[("selective_copying", "len=64", "acc")] <= 1.0
+    assert len(rows) == 6     # passkey acc + digit_acc + skip row; copying acc + exact + skip row
+    tab = table_lines(capsys.readouterr().out)
+    assert "skipped_over_max_len" in tab[0]

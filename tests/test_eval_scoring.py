@@ -203,6 +203,21 @@ def test_uniform_model_perplexity_equals_vocab(tmp_path):
     assert out["bpb"] == pytest.approx(8.0, rel=1e-6)
 
 
+def test_uniform_model_perplexity_on_token_arrays(tmp_path):
+    """Pre-tokenized .npy source: perplexity == V; no bits-per-byte (tokens are not bytes)."""
+    V = 50
+    path = tmp_path / "toks.npy"
+    np.save(path, np.random.default_rng(0).integers(0, V, 2000).astype(np.uint16))
+    run = run_of(source="tokens", path=str(path), seq_len=16, vocab_size=V, val_fraction=0.1)
+    m = zoo.build("transformer", {"vocab_size": V, "dim": 16, "n_layers": 1, "n_heads": 2})
+    g, p = nnx.split(m)
+    model = Model(g, _zero(p), vocab_size=V)
+    out = tasks.get_task("ppl").evaluate(run, model, tasks.Setting("split=val", {}),
+                                         tasks.Options(batch_size=4, ppl_batches=2))
+    assert out["tokens"] == 2 * 4 * 16
+    assert out["ppl"] == pytest.approx(V, rel=1e-5) and "bpb" not in out
+
+
 def test_known_distribution_bits_per_byte(tmp_path):
     """Equal embedding rows + zeroed blocks: the model predicts one fixed distribution p at
     every position. bpb = -sum_t log2 p[target_t] / #bytes, computed here from p by hand."""
