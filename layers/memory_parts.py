@@ -24,6 +24,7 @@ Conventions: ½-loss (titans.md §2.4); ATLAS letters (α retention multiplier, 
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -298,6 +299,7 @@ def bregman_logit_step(W: Array, g: Array, eta) -> Array:
 MUON_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
+@functools.partial(jax.jit, static_argnames=("steps", "eps", "coeffs"))
 def newton_schulz(X: Array, steps: int = 5, eps: float = 1e-7,
                   coeffs: tuple[float, float, float] = MUON_COEFFS) -> Array:
     """Quintic Newton–Schulz orthogonalisation of every matrix (last two axes) of X.
@@ -369,6 +371,7 @@ def sym_features(x: Array, i: int) -> Array:
     return mon * jnp.asarray(w, x.dtype)
 
 
+@jax.jit
 def poly_features(x: Array, a: Array) -> Array:
     """φ(x) = concat_{i=0..p} sqrt(a_i)·sym_i(x), p = len(a) − 1, so that
     φ(q)·φ(k) = Σ_i a_i (q·k)^i (atlas.md Eqs. 4–5)."""

@@ -307,32 +307,34 @@ def test_omega_band_structure_and_window_sum():
 def test_omega_rule_c1_equals_online_rule_linear_memory():
     """Omega rule with c = 1, γ ≡ 1 equals the online rule (atlas.md §2.4), token level, linear
     memory on polynomial features: the window gradient U_t formed by `omega_window_sum` over the
-    per-source gradients at M_{t−1} equals the single online gradient ∇ℓ(M_{t−1}; φ(k_t), v_t)."""
+    per-source gradients at M_{t−1} (jax.grad of the ½-loss) equals the single online gradient
+    φ(k_t)(φ(k_t)ᵀM_{t−1} − v_t)."""
     with jax.enable_x64():
         T, d, dv = 7, 3, 2
         a = mp.poly_coeffs(jnp.asarray(mp.poly_coeffs_init(2)))
         k, v = mp.poly_features(mp.safe_normalize(rnd(26, (T, d))), a), rnd(27, (T, dv))
         alpha, eta = jax.nn.sigmoid(rnd(28, (T,)) + 3), 0.5 * jax.nn.sigmoid(rnd(29, (T,)))
+        src_grads = jax.jit(jax.vmap(jax.grad(lambda m, kk, vv: mp.l2_loss(kk @ m, vv)),
+                                     (None, 0, 0)))
+        wsum = jax.jit(mp.omega_window_sum)
 
-        def run(c, gam):
+        def run(gam):
             M = jnp.zeros((k.shape[1], dv))
             outs = []
             for t in range(T):
-                grads = jax.vmap(jax.grad(lambda m, kk, vv: mp.l2_loss(kk @ m, vv)),
-                                 (None, 0, 0))(M, k, v)                 # every source at M_{t−1}
-                U = mp.omega_window_sum(grads[:t + 1], gam[:t + 1])[t]
+                U = wsum(src_grads(M, k, v), gam)[t]      # sources after t carry no gate weight
                 M = alpha[t] * M - eta[t] * U
                 outs.append(M)
-            return jnp.stack(outs)
+            return np.stack(outs)
 
-        online = []
-        M = jnp.zeros((k.shape[1], dv))
+        kn, vn, an, en = (np.asarray(x) for x in (k, v, alpha, eta))
+        online, M = [], np.zeros((kn.shape[1], dv))
         for t in range(T):
-            M = alpha[t] * M - eta[t] * jnp.outer(k[t], k[t] @ M - v[t])
+            M = an[t] * M - en[t] * np.outer(kn[t], kn[t] @ M - vn[t])
             online.append(M)
-        np.testing.assert_allclose(run(1, jnp.ones((T, 1))), jnp.stack(online), rtol=1e-12)
+        np.testing.assert_allclose(run(jnp.ones((T, 1))), np.stack(online), rtol=1e-12)
         # a wider window is a different model (the test bites)
-        assert not np.allclose(run(3, jnp.ones((T, 3))), jnp.stack(online))
+        assert not np.allclose(run(jnp.ones((T, 3))), np.stack(online))
 
 
 # ----------------------------------------------------------------------------- φ* kernel form
@@ -369,18 +371,20 @@ def test_deep_transformer_kernel_form_equals_linear_memory_on_truncated_phi_star
         v = rnd(35, (T, dv))
         la, eta = jnp.log(jax.nn.sigmoid(rnd(36, (T,)) + 2)), jax.nn.sigmoid(rnd(37, (T,)))
         a = jnp.asarray([s ** i / math.factorial(i) for i in range(p + 1)])
-        fq, fk = mp.poly_features(q, a), mp.poly_features(k, a)
-        M = jnp.zeros((fk.shape[1], dv))
+        fq, fk = np.asarray(mp.poly_features(q, a)), np.asarray(mp.poly_features(k, a))
+        vn, ln, en = np.asarray(v), np.asarray(la), np.asarray(eta)
+        M = np.zeros((fk.shape[1], dv))
         ys = []
         for t in range(T):
-            M = jnp.exp(la[t]) * M + eta[t] * jnp.outer(fk[t], v[t])
+            M = np.exp(ln[t]) * M + en[t] * np.outer(fk[t], vn[t])
             ys.append(fq[t] @ M)
         ours = mp.deep_transformer_read(q, k, v, scale=s, log_alpha=la, eta=eta)
-        np.testing.assert_allclose(ours, jnp.stack(ys), atol=1e-9, rtol=1e-9)
+        np.testing.assert_allclose(ours, np.stack(ys), atol=1e-9, rtol=1e-9)
         sw = mp.deep_transformer_read(q, k, v, scale=s, eta=eta, window=2)
-        ref = [sum(eta[i] * jnp.exp(s * q[t] @ k[i]) * v[i] for i in range(max(0, t - 2), t + 1))
+        qn, kn = np.asarray(q), np.asarray(k)
+        ref = [sum(en[i] * np.exp(s * qn[t] @ kn[i]) * vn[i] for i in range(max(0, t - 2), t + 1))
                for t in range(T)]
-        np.testing.assert_allclose(sw, jnp.stack(ref), rtol=1e-12)
+        np.testing.assert_allclose(sw, np.stack(ref), rtol=1e-12)
 
 
 def test_dot_triangular_solve_equals_token_loop_and_deltanet():
@@ -398,13 +402,14 @@ def test_dot_triangular_solve_equals_token_loop_and_deltanet():
             a = mp.dot_solve(q, k, v, eta, scale=0.8, kernel=kern)
             b = mp.dot_token_loop(q, k, v, eta, one, scale=0.8, kernel=kern)
             np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
-        M = jnp.zeros((dv, d))
+        qn, kn, vn, en = (np.asarray(x) for x in (q, k, v, eta))
+        M = np.zeros((dv, d))
         ys = []
         for t in range(T):
-            M = M + eta[t] * jnp.outer(v[t] - M @ k[t], k[t])
-            ys.append(M @ q[t])
+            M = M + en[t] * np.outer(vn[t] - M @ kn[t], kn[t])
+            ys.append(M @ qn[t])
         np.testing.assert_allclose(mp.dot_solve(q, k, v, eta, scale=1.0, kernel="linear"),
-                                   jnp.stack(ys), rtol=1e-12, atol=1e-13)
+                                   np.stack(ys), rtol=1e-12, atol=1e-13)
         ga = jax.grad(lambda vv: jnp.sum(mp.dot_solve(q, k, vv, eta, scale=0.8) ** 2))(v)
         gb = jax.grad(lambda vv: jnp.sum(mp.dot_token_loop(q, k, vv, eta, one, scale=0.8) ** 2))(v)
         np.testing.assert_allclose(ga, gb, rtol=1e-10)
@@ -422,14 +427,14 @@ def test_dot_window_equals_omega_rule_on_truncated_phi_star():
         alpha = jax.nn.sigmoid(rnd(46, (T,)) + 3)
         gam = jax.nn.sigmoid(rnd(47, (T, c)))
         a = jnp.asarray([s ** i / math.factorial(i) for i in range(13)])
-        fq, fk = mp.poly_features(q, a), mp.poly_features(k, a)
-        M = jnp.zeros((fk.shape[1], dv))
+        fq, fk = np.asarray(mp.poly_features(q, a)), np.asarray(mp.poly_features(k, a))
+        vn, en, an, gn = (np.asarray(x) for x in (v, eta, alpha, gam))
+        M = np.zeros((fk.shape[1], dv))
         ys = []
-        for t in range(T):
-            grads = jax.vmap(jax.grad(lambda m, kk, vv: mp.l2_loss(kk @ m, vv)),
-                             (None, 0, 0))(M, fk[:t + 1], v[:t + 1])
-            U = mp.omega_window_sum(grads, gam[:t + 1])[t]
-            M = alpha[t] * M - eta[t] * U
+        for t in range(T):   # explicit Omega rule: every window source's gradient at M_{t−1}
+            U = sum(gn[t, j] * np.outer(fk[t - j], fk[t - j] @ M - vn[t - j])
+                    for j in range(c) if t - j >= 0)
+            M = an[t] * M - en[t] * U
             ys.append(fq[t] @ M)
         ours = mp.dot_token_loop(q, k, v, eta, gam, scale=s, alpha=alpha)
-        np.testing.assert_allclose(ours, jnp.stack(ys), rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(ours, np.stack(ys), rtol=1e-9, atol=1e-10)
