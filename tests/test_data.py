@@ -456,3 +456,44 @@ def test_two_processes_build_the_one_process_global_batch(tmp_path):
     assert all(p.returncode == 0 for p in procs), logs
     ref = take(data.make_iterator(cfg(vocab_size=128), split="train", global_batch=8, seed=4), 3)
     np.testing.assert_array_equal(np.load(out), np.stack([b["inputs"] for b in ref]))
+
+
+def test_row_makers_pickle_for_worker_processes(tmp_path, token_files):
+    import pickle
+
+    import cloudpickle  # what grain's worker processes use
+
+    toks, docs, files = token_files
+    hay = tmp_path / "essay.txt"
+    hay.write_text(" ".join(f"Line {i} of a local essay. It goes on!" for i in range(400)))
+    configs = [cfg(source="tokens", path=str(f), vocab_size=512, seq_len=16, pack=True, eos_id=1,
+                   dtype="int32" if name == "bin32" else "uint16") for name, f in files.items()]
+    configs.append(cfg(source="needle", needle_variant="niah_single_2", seq_len=512,
+                       needle_haystack_path=str(hay), val_examples=4))
+    for c in configs:
+        data.validate(c)
+        ds = data.make_dataset(c, split="val", global_batch=2, seed=0)
+        first = ds[0]
+        again = pickle.loads(cloudpickle.dumps(ds))[0]
+        for k in first:
+            np.testing.assert_array_equal(first[k], again[k])
+    # opened files and the haystack text stay behind when pickled
+    from train.data.files import open_tokens
+    for c in configs[:-1]:
+        rows = data.WindowRows(c, open_tokens(c), 0, 5)
+        rows(0)
+        copy = pickle.loads(pickle.dumps(rows))
+        assert getattr(copy.stream, "_arr", None) is None and getattr(copy.stream, "_src", None) is None
+        np.testing.assert_array_equal(copy(3)["inputs"], rows(3)["inputs"])
+    rows = data.SyntheticRows(configs[-1], 0, 0)
+    rows(0)
+    assert rows.haystack is not None and pickle.loads(pickle.dumps(rows)).haystack is None
+    # the essay needle rows carry the value as their scored targets
+    row = data.make_dataset(configs[-1], split="train", global_batch=1, seed=0)[0]
+    scored = row["targets"][0][row["loss_mask"][0] > 0]
+    assert re_fullmatch(r"[1-9]\d{6}", bytes(scored.astype(np.uint8)).decode())
+
+
+def re_fullmatch(pattern, s):
+    import re
+    return re.fullmatch(pattern, s) is not None

@@ -394,12 +394,17 @@ def _niah_parts(variant: str, key: str):
     return needle, head, question, answer_prefix
 
 
+@lru_cache(maxsize=4)
+def _words_of(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
 def _essay_words(haystack_text: str, n: int) -> list[str]:
-    words = haystack_text.split()
+    words = _words_of(haystack_text)
     if not words:
         raise ValueError("needle haystack text is empty")
     reps = -(-n // len(words))
-    return (words * reps)[:n]
+    return list((words * reps)[:n]) if reps > 1 else list(words[:n])
 
 
 def needle_text(rng: np.random.Generator, *, variant: str, length: int,

@@ -313,17 +313,11 @@ class WindowRows:
     """Window `i` (tokens [start + i*T, start + i*T + T + 1)) of a token stream as a row dict;
     index >= `valid` gives a padding row."""
 
-    def __init__(self, cfg, start: int, valid: int):
-        self.cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        self.T, self.start, self.valid = self.cfg["seq_len"], start, valid
-        self.pack, self.eos = self.cfg.get("pack", False), self.cfg.get("eos_id", -1)
-        self.vocab = vocab_size(self.cfg)
-        self.stream = None
-
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["stream"] = None
-        return d
+    def __init__(self, cfg, stream, start: int, valid: int):
+        self.T, self.start, self.valid = int(_get(cfg, "seq_len")), start, valid
+        self.pack, self.eos = bool(_get(cfg, "pack")), int(_get(cfg, "eos_id"))
+        self.vocab = vocab_size(cfg)
+        self.stream = stream  # pickles without its open file
 
     def __call__(self, i) -> dict:
         i, T = int(i), self.T
@@ -333,8 +327,6 @@ class WindowRows:
             if self.pack:
                 row["segment_ids"] = z
             return row
-        if self.stream is None:
-            self.stream = open_tokens(self.cfg)
         lo = self.start + i * T
         w, rec_start = self.stream.read(lo, lo + T + 1)
         if w.size and (w.min() < 0 or w.max() >= self.vocab):
@@ -370,18 +362,18 @@ def _rows_dataset(cfg, split: str, global_batch: int, seed: int) -> grain.MapDat
         padded = -(-n // global_batch) * global_batch
         return grain.MapDataset.range(padded).map(
             SyntheticRows(cfg, seed, synthetic.VAL_STREAM, valid=n))
-    stream_len = len(open_tokens(cfg))
+    stream = open_tokens(cfg)
     T = int(_get(cfg, "seq_len"))
-    n_train, n_val = _split_sizes(stream_len, float(_get(cfg, "val_fraction")))
+    n_train, n_val = _split_sizes(len(stream), float(_get(cfg, "val_fraction")))
     if split == "train":
         nw = (n_train - 1) // T
         return (grain.MapDataset.range(nw).shuffle(seed=int(seed)).repeat(None)
-                .map(WindowRows(cfg, 0, nw)))
+                .map(WindowRows(cfg, stream, 0, nw)))
     if n_val == 0:
         raise ValueError("data.val_fraction=0: the file has no held-out split")
     nw = (n_val - 1) // T
     padded = -(-nw // global_batch) * global_batch
-    return grain.MapDataset.range(padded).map(WindowRows(cfg, n_train, nw))
+    return grain.MapDataset.range(padded).map(WindowRows(cfg, stream, n_train, nw))
 
 
 def make_dataset(data_cfg, *, split: str, global_batch: int, seed: int, process_index: int = 0,
