@@ -157,8 +157,7 @@ def mamba2_param_count(cfg: Mamba2Config) -> int:
                                  init_std=0.5, dt_min=0.05, dt_max=0.5, scan_impl="reference"),
               length=13, cuts=(1, 3, 4, 8, 12),
               reference={"scan_impl": "reference"},
-              fast=({"scan_impl": "chunked", "chunk_size": 4},
-                    {"scan_impl": "chunked", "chunk_size": 8})))
+              fast=({"scan_impl": "chunked", "chunk_size": 4},)))
 def build_mamba(cfg: MambaConfig, rngs: nnx.Rngs) -> CausalLM:
     cfg.validate()
     scale = 1.0 / math.sqrt(cfg.n_layers) if cfg.rescale_out_proj else 1.0
@@ -179,8 +178,7 @@ def build_mamba(cfg: MambaConfig, rngs: nnx.Rngs) -> CausalLM:
                                   dt_max=0.5, scan_impl="reference"),
               length=13, cuts=(1, 3, 4, 8, 12),
               reference={"scan_impl": "reference"},
-              fast=({"scan_impl": "chunked", "chunk_size": 4},
-                    {"scan_impl": "chunked", "chunk_size": 8})))
+              fast=({"scan_impl": "chunked", "chunk_size": 4},)))
 def build_mamba2(cfg: Mamba2Config, rngs: nnx.Rngs) -> CausalLM:
     cfg.validate()
     scale = 1.0 / math.sqrt(cfg.n_layers) if cfg.rescale_out_proj else 1.0

@@ -62,9 +62,9 @@ def selective_scan(x: Array, dt: Array, A: Array, Bm: Array, C: Array, *, h0: Ar
     """Same signature and result as `reference.selective_scan`; `chunk` is a block size only."""
     Bsz, T, Di = x.shape
     N = A.shape[1]
-    f32 = lambda a: a.astype(jnp.float32)
+    f32 = lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32))  # float32, or float64 in x64 tests
     x, dt, A, Bm, C = f32(x), f32(dt), f32(A), f32(Bm), f32(C)
-    h0 = jnp.zeros((Bsz, Di, N), jnp.float32) if h0 is None else f32(h0)
+    h0 = jnp.zeros((Bsz, Di, N), x.dtype) if h0 is None else f32(h0)
     reset = jnp.zeros((Bsz, T), bool) if reset is None else reset.astype(bool)
     Q = max(1, min(chunk, T))
     xs = _pad_chunks([x, dt, Bm, C, reset], T, Q)

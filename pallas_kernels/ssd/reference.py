@@ -27,10 +27,10 @@ def ssd(x: Array, dt: Array, A: Array, Bm: Array, C: Array, *, h0: Array | None 
     reset: [B, T] bool. Returns y [B, T, H, P] float32 and the final state [B, H, P, N] float32."""
     Bsz, T, H, P = x.shape
     N = Bm.shape[-1]
-    f32 = lambda a: a.astype(jnp.float32)
+    f32 = lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32))  # float32, or float64 in x64 tests
     x, dt, A = f32(x), f32(dt), f32(A)
     Bh, Ch = heads_of_groups(f32(Bm), H), heads_of_groups(f32(C), H)
-    h0 = jnp.zeros((Bsz, H, P, N), jnp.float32) if h0 is None else f32(h0)
+    h0 = jnp.zeros((Bsz, H, P, N), x.dtype) if h0 is None else f32(h0)
     reset = jnp.zeros((Bsz, T), bool) if reset is None else reset.astype(bool)
 
     def step(s, inp):
