@@ -21,7 +21,6 @@ for byte-level models (vocabulary 256 bytes + BOS + EOS, `BYTE_VOCAB`).
 """
 from __future__ import annotations
 
-import math
 import re
 import uuid as _uuid
 from functools import lru_cache

@@ -30,7 +30,8 @@ from __future__ import annotations
 import collections
 import copy
 import os
-from typing import Any, Iterator, Mapping
+import re
+from typing import Iterator, Mapping
 
 import grain
 import numpy as np
@@ -112,13 +113,10 @@ def _bad(msg: str):
     raise ValueError(msg)
 
 
-def _prefixed(err: str | None, rename: Mapping[str, str] = {}):
-    """Turn a synthetic.*_check message into one naming data.<key>."""
+def _prefixed(err: str | None):
+    """Raise a synthetic.*_check message as one naming data.<key> (its names are config keys)."""
     if err is None:
         return
-    for old, new in rename.items():
-        err = err.replace(f"{old}=", f"{new}=")
-    import re
     err = re.sub(r"\b([a-z_]+)=", r"data.\1=", err)
     _bad(err)
 
