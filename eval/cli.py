@@ -191,7 +191,9 @@ def _main(argv) -> int:
     opts = options(args)
 
     import jax
+    from absl import logging as absl_logging
     from tqdm import tqdm
+    absl_logging.set_verbosity(absl_logging.ERROR)   # orbax warns on every restore
 
     import zoo
     from eval.scoring import Model

@@ -233,3 +233,28 @@ def test_eval_cli_learned_positions_report_their_limit(tmp_path, capsys):
     assert len(rows) == 6     # passkey acc + digit_acc + skip row; copying acc + exact + skip row
     tab = table_lines(capsys.readouterr().out)
     assert "skipped_over_max_len" in tab[0]
+
+
+def test_eval_agrees_with_the_trainers_held_out_numbers(tmp_path, capsys):
+    """A model trained a few steps with train's API: eval's held-out loss and MQAR accuracy on
+    the same held-out examples equal the trainer's own final evaluation (metrics.jsonl)."""
+    from train import trainer
+    cfg = config_lib.default_config()
+    cfg.model.dim, cfg.model.n_heads = 16, 2
+    cfg.train.steps, cfg.train.batch_size, cfg.train.warmup_steps = 4, 8, 1
+    cfg.train.mfu_probe, cfg.train.compilation_cache_dir, cfg.train.log_every = False, "", 2
+    cfg.checkpoint.dir, cfg.checkpoint.every, cfg.checkpoint.async_save = str(tmp_path / "t"), 4, False
+    cfg.eval.every, cfg.eval.batch_size, cfg.eval.max_batches = 0, 32, 0
+    cfg.data.val_examples = 32
+    trainer.train(cfg, verbose=False)
+    val = [json.loads(l) for l in open(tmp_path / "t" / "metrics.jsonl") if '"val"' in l][-1]
+    assert val["step"] == 4
+    assert main([f"--run_dir={tmp_path / 't'}", "--tasks=ppl,mqar", "--ppl_batches=0",
+                 "--batch_size=32", "--n_examples=32", "--mqar_kv=8", "--lengths=64",
+                 "--no_progress", "--no_plots"]) == 0
+    rows = read_rows(str(tmp_path / "t" / "eval" / "results.jsonl"))
+    got = {(r["step"], r["task"], r["metric"]): r["value"] for r in rows}
+    assert got[(4, "ppl", "tokens")] == val["val_tokens"] == 32 * 8
+    assert got[(4, "ppl", "loss")] == pytest.approx(val["val_loss"], rel=1e-5)
+    # 8 queries in every example: the mean per-example fraction is the per-token accuracy
+    assert got[(4, "mqar", "acc")] == pytest.approx(val["val_accuracy"], abs=1e-6)
