@@ -1,0 +1,371 @@
+"""The neural-memory layer (Titans LMM; the base of ATLAS, OmegaNet and the Miras models).
+
+Design note
+-----------
+One memory per (batch row, head) is trained at test time by gradient steps on an inner objective
+while the sequence is read (specs/titans.md §2, atlas.md §2, miras.md §2). The maths lives in the
+op `pallas_kernels.neural_memory` (reference token loop + chunk-parallel form, same function for
+every chunk size `b`); this module supplies the pluggable pieces and the projections around it.
+
+Pluggable parts (all plain functions of ONE head and ONE token; the op vmaps them):
+
+* memory architecture  `memory_fn(outer_h, W_h, x[dk]) -> y[dv]`; `W_h` is any pytree of weights
+  (the recurrent state), `outer_h` the per-head outer-loop parameters (e.g. the memory LayerNorm).
+  Built in: `linear_memory` (`y = x W["w"]`), `mlp_memory` (`x + LN(act(x W1) ... WL)`, residual
+  and LayerNorm optional, depth/expansion from the config).
+* attentional bias / inner objective  `signal_fn(pred[dv], v[dv], extra_t) -> dloss/dpred`
+  (the output signal that is back-propagated through the memory; one VJP per token).
+  Built in: `l2_signal` (½‖pred − v‖²), `dot_signal` (−⟨pred, v⟩). `signal_from_loss(loss)` turns
+  any scalar loss into a signal. Per-token data a signal needs (Yaad's δ_t, channel-wise rates)
+  travels as `extra` (pytree of [B, T, H, ...]); the Omega window carries it for past tokens.
+* retention  the forget gate enters as a per-token LOG multiplier `log_ret` (Titans: log(1−α);
+  ATLAS/Miras: log α); regulariser-type retention (Moneta's ℓq normalisation, Memora's softmax
+  of logits, elastic-net soft threshold) plugs in as `link_fn(outer_h, A_h) -> W_h`: the state
+  carried is the accumulator `A` (linear recurrence), the memory uses `W = link(A)` and the
+  gradient is taken w.r.t. `W`.
+* optimizer  gradient descent (no momentum: `log_mom = None`), momentum ("surprise") with a
+  per-token log momentum coefficient, `lr_inside` (Titans: `S = ηS − θu`, `W = (1−α)W + S`)
+  or outside (ATLAS: `S = θS + U`, `W = αW − η·T(S)`), and an update transform
+  `transform_fn(S_h) -> S_h` (Newton–Schulz per weight matrix for ATLAS; identity by default).
+* context  online per token (`window = 1`) or the Omega rule over a sliding window of `c` tokens
+  with per-token gates `gamma[B, T, H, c]` (`gamma[t, j]` weights source token `t − j`).
+* feature map  `feature_fn(x[..., d]) -> φ(x)` applied to the ℓ2-normalised keys and queries
+  (learnable maps: subclass `NeuralMemory` and override `features`).
+* data-dependent learning rate and gates  `NeuralMemory.gates(x)` returns the dict
+  `{log_ret, lr, log_mom, gamma, extra}` (per head scalars [B, T, H]); override it for
+  channel-wise or low-rank gates.
+
+Chunk semantics (part of the model, titans.md §2.7, DESIGN.md "chunk-aligned models"): gradients
+inside a chunk of `b` tokens are all taken at the chunk-start state (the anchor); chunks start at
+absolute positions 0, b, 2b, ... of the memory's input stream and restart at document starts;
+the state carries W, S, the anchor, the window buffer, the conv cache and the position, so a call
+may stop anywhere and decoding updates at the same boundaries as training.
+
+Layer (titans.md §3.2): q, k, v = SiLU(causal depthwise conv(x W_{Q,K,V})) (one shared conv over
+the three streams, kernel 4, no bias), q, k ℓ2-normalised per head (then `feature_fn`), gates
+from linear maps of x, memory scan, per-head gated RMSNorm (norm before the SiLU gate of
+x W_g), output projection W_O.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from layers.common import doc_starts, normal, param, real_mask, token_positions
+from layers.conv import CausalConv1d
+from layers.linear import Dense
+from layers.norms import gated_rms_norm, l2_norm, layer_norm
+from pallas_kernels import neural_memory as nm_op
+from pallas_kernels.neural_memory import MemoryRule, MemoryState
+
+Array = jax.Array
+PyTree = Any
+
+# ----------------------------------------------------------------------------- memory networks
+
+
+def linear_memory(outer, W, x):
+    """Matrix memory `y = x W["w"]` (row convention, W [dk, dv])."""
+    del outer
+    return x @ W["w"]
+
+
+def mlp_memory(outer, W, x, *, act: Callable = jax.nn.gelu, residual: bool = True,
+               layer_norm_eps: float | None = 1e-5):
+    """Deep memory `x + LN(act(x W1) W2 ... WL)` (activation between layers only; no biases).
+
+    W: {"w1": [dk, h], ..., "wL": [h, dv]}; outer: {"ln_w": [dv], "ln_b": [dv]} when the
+    LayerNorm is on (its affine parameters are outer-loop parameters). The residual adds the
+    first dv coordinates of x (dk == dv for Titans).
+    """
+    L = len(W)
+    h = x
+    for i in range(1, L + 1):
+        h = h @ W[f"w{i}"]
+        if i < L:
+            h = act(h)
+    if layer_norm_eps is not None:
+        h = layer_norm(h, outer["ln_w"], outer["ln_b"], layer_norm_eps)
+    if residual:
+        h = h + x[..., : h.shape[-1]]
+    return h
+
+
+def gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+# ----------------------------------------------------------------------------- inner objectives
+
+
+def l2_signal(pred, v, extra=None):
+    """½‖pred − v‖² → pred − v."""
+    return pred - v
+
+
+def dot_signal(pred, v, extra=None):
+    """−⟨pred, v⟩ → −v (a descent step adds v kᵀ: linear attention)."""
+    return -v * jnp.ones_like(pred)
+
+
+def signal_from_loss(loss: Callable) -> Callable:
+    """Any scalar loss(pred, v, extra) as an output signal dloss/dpred."""
+    def signal(pred, v, extra=None):
+        return jax.grad(lambda p: loss(p, v, extra))(pred)
+    return signal
+
+
+SIGNALS = {"l2": l2_signal, "dot": dot_signal}
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class NeuralMemoryConfig:
+    """Static configuration of one neural-memory mixer.
+
+    memory: "mlp" | "linear"; depth / expansion of the MLP memory; residual and LayerNorm flags.
+    objective: "l2" | "dot" | a signal function (pred, v, extra) -> dloss/dpred.
+    chunk: b (anchor chunk, part of the model); window: c (Omega rule; 1 = online).
+    momentum: use the momentum ("surprise") term; lr_inside: Titans (True) or ATLAS (False).
+    transform / link / feature_fn: optional plain functions (see the module docstring).
+    lr_max: inner learning rate bound (θ = lr_max·sigmoid); None: 1.0 linear, 0.1 MLP.
+    *_bias: gate bias initialisations (retention ≈ 0.993 for alpha_bias = −5).
+    impl: "auto" | "reference" | "chunked" (same function); max_resets: static bound on packed
+    document starts per row per call for the chunk-parallel layout (more falls back exactly).
+    """
+    dim: int
+    n_heads: int
+    head_dim: int | None = None
+    memory: str = "mlp"
+    depth: int = 2
+    expansion: int = 4
+    residual: bool = True
+    memory_ln: bool = True
+    ln_eps: float = 1e-5
+    objective: Any = "l2"
+    chunk: int = 16
+    window: int = 1
+    momentum: bool = True
+    lr_inside: bool = True
+    transform: Callable | None = None
+    link: Callable | None = None
+    feature_fn: Callable | None = None
+    feature_dim: int | None = None     # dk after feature_fn (None: head_dim)
+    lr_max: float | None = None
+    alpha_bias: float = -5.0
+    eta_bias: float = 1.0
+    theta_bias: float = -2.0
+    conv_size: int = 4
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    memory_init_std: float | None = None   # None: 1/sqrt(fan_in) for MLP layers, 0 for linear
+    impl: str = "auto"
+    max_resets: int = 4
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def dk(self) -> int:
+        return self.feature_dim or self.hd
+
+    @property
+    def theta_max(self) -> float:
+        if self.lr_max is not None:
+            return self.lr_max
+        return 1.0 if self.memory == "linear" else 0.1
+
+    def validate(self):
+        if self.memory not in ("mlp", "linear"):
+            raise ValueError(f"memory={self.memory!r} is not one of ('mlp', 'linear')")
+        if isinstance(self.objective, str) and self.objective not in SIGNALS:
+            raise ValueError(f"objective={self.objective!r} is not one of {tuple(SIGNALS)}")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.chunk < 1 or self.window < 1:
+            raise ValueError(f"chunk={self.chunk} and window={self.window} must be >= 1")
+
+
+def memory_fn_of(cfg: NeuralMemoryConfig) -> Callable:
+    if cfg.memory == "linear":
+        return linear_memory
+    return _MLPMemory(cfg.residual, cfg.ln_eps if cfg.memory_ln else None)
+
+
+@dataclass(frozen=True)
+class _MLPMemory:
+    residual: bool
+    ln_eps: float | None
+
+    def __call__(self, outer, W, x):
+        return mlp_memory(outer, W, x, act=gelu_exact, residual=self.residual,
+                          layer_norm_eps=self.ln_eps)
+
+
+def make_rule(cfg: NeuralMemoryConfig) -> MemoryRule:
+    signal = SIGNALS[cfg.objective] if isinstance(cfg.objective, str) else cfg.objective
+    return MemoryRule(memory_fn=memory_fn_of(cfg), signal_fn=signal, chunk=cfg.chunk,
+                      window=cfg.window, lr_inside=cfg.lr_inside, transform_fn=cfg.transform,
+                      link_fn=cfg.link)
+
+
+def memory_shapes(cfg: NeuralMemoryConfig) -> dict[str, tuple[int, ...]]:
+    """Per-head weight shapes of the memory state W."""
+    dk, dv = cfg.dk, cfg.hd
+    if cfg.memory == "linear":
+        return {"w": (dk, dv)}
+    h = cfg.expansion * dv
+    dims = [dk] + [h] * (cfg.depth - 1) + [dv]
+    return {f"w{i + 1}": (dims[i], dims[i + 1]) for i in range(cfg.depth)}
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@struct.dataclass
+class NeuralMemoryLayerState:
+    mem: MemoryState   # W, S, anchor, window buffer
+    conv: Array        # [B, K-1, 3*H*d] last inputs of the q/k/v convolution
+    pos: Array         # [B] int32 position of the next token in its document
+
+
+# ----------------------------------------------------------------------------- module
+
+
+class NeuralMemory(nnx.Module):
+    """Titans LMM mixer (mixer contract of DESIGN.md). Override `gates`, `features` or
+    `rule` in a subclass to build the other members of the family."""
+
+    def __init__(self, cfg: NeuralMemoryConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        D, H, d = cfg.dim, cfg.n_heads, cfg.hd
+        std = cfg.init_std
+        self.wq = Dense(D, H * d, rngs=rngs, axes=("embed", "heads"), std=std)
+        self.wk = Dense(D, H * d, rngs=rngs, axes=("embed", "heads"), std=std)
+        self.wv = Dense(D, H * d, rngs=rngs, axes=("embed", "heads"), std=std)
+        self.conv = CausalConv1d(3 * H * d, cfg.conv_size, rngs=rngs, use_bias=False)
+        def gate(bias):
+            g = Dense(D, H, rngs=rngs, use_bias=True, axes=("embed", "heads"), std=std)
+            g.bias[...] = jnp.full((H,), bias, jnp.float32)
+            return g
+
+        self.w_alpha, self.w_theta = gate(cfg.alpha_bias), gate(cfg.theta_bias)
+        self.w_eta = gate(cfg.eta_bias) if cfg.momentum else None
+        self.wg = Dense(D, H * d, rngs=rngs, axes=("embed", "heads"), std=std)
+        self.wo = Dense(H * d, D, rngs=rngs, axes=("heads", "embed"), std=std)
+        self.out_norm = param(jnp.ones((d,), jnp.float32), ("norm",))
+        # memory initial state W0 (per head) and the memory's outer parameters
+        W0 = {}
+        for name, shape in memory_shapes(cfg).items():
+            s = cfg.memory_init_std
+            if s is None:
+                s = 0.0 if cfg.memory == "linear" else shape[0] ** -0.5
+            W0[name] = param(normal(rngs.params(), (H,) + shape, s) if s else
+                             jnp.zeros((H,) + shape, jnp.float32), ("heads", None, None))
+        self.W0 = nnx.Dict(W0)
+        ln = cfg.memory == "mlp" and cfg.memory_ln
+        self.mem_ln_w = param(jnp.ones((H, d), jnp.float32), ("heads", None)) if ln else None
+        self.mem_ln_b = param(jnp.zeros((H, d), jnp.float32), ("heads", None)) if ln else None
+
+    # -- pluggable pieces -------------------------------------------------------------------
+
+    def rule(self) -> MemoryRule:
+        return make_rule(self.cfg)
+
+    def outer(self) -> PyTree:
+        if self.mem_ln_w is None:
+            return {}
+        return {"ln_w": self.mem_ln_w[...], "ln_b": self.mem_ln_b[...]}
+
+    def memory_init(self) -> PyTree:
+        return {k: v[...] for k, v in self.W0.items()}
+
+    def features(self, q: Array, k: Array) -> tuple[Array, Array]:
+        if self.cfg.feature_fn is None:
+            return q, k
+        return self.cfg.feature_fn(q), self.cfg.feature_fn(k)
+
+    def gates(self, x: Array) -> dict[str, Any]:
+        """Per-head gates [B, T, H] by role: log retention, learning rate, log momentum."""
+        za = self.w_alpha(x).astype(jnp.float32)
+        out = {"log_ret": jax.nn.log_sigmoid(-za),  # log(1 - alpha)
+               "lr": self.cfg.theta_max * jax.nn.sigmoid(self.w_theta(x).astype(jnp.float32)),
+               "log_mom": None, "gamma": None, "extra": None}
+        if self.w_eta is not None:
+            out["log_mom"] = jax.nn.log_sigmoid(self.w_eta(x).astype(jnp.float32))
+        return out
+
+    def extra_proto(self, batch_size: int) -> PyTree:
+        """Per-token extras' prototype [B, 1, H, ...] (None: the objective needs none)."""
+        return None
+
+    # -- contract -----------------------------------------------------------------------------
+
+    def init_state(self, batch_size: int, max_len: int | None = None) -> NeuralMemoryLayerState:
+        cfg = self.cfg
+        mem = nm_op.init_state(self.memory_init(), batch_size, cfg.dk, cfg.hd, cfg.window,
+                               self.extra_proto(batch_size))
+        return NeuralMemoryLayerState(mem=mem, conv=self.conv.init_state(batch_size),
+                                      pos=jnp.zeros((batch_size,), jnp.int32))
+
+    def qkv(self, x, conv_state, real, starts):
+        """q, k (ℓ2-normalised, then features), v: [B, T, H, *]; new conv state."""
+        B, T, _ = x.shape
+        H, d = self.cfg.n_heads, self.cfg.hd
+        u = jnp.concatenate([self.wq(x), self.wk(x), self.wv(x)], axis=-1)
+        u, conv_state = self.conv(u, conv_state, real, starts)
+        u = jax.nn.silu(u.astype(jnp.float32))
+        q, k, v = (a.reshape(B, T, H, d) for a in jnp.split(u, 3, axis=-1))
+        q, k = l2_norm(q, self.cfg.norm_eps), l2_norm(k, self.cfg.norm_eps)
+        q, k = self.features(q, k)
+        return q, k, v, conv_state
+
+    def output(self, x, y):
+        B, T = x.shape[:2]
+        H, d = self.cfg.n_heads, self.cfg.hd
+        z = self.wg(x).reshape(B, T, H, d)
+        o = gated_rms_norm(y, z, self.out_norm[...], self.cfg.norm_eps, norm_before_gate=True)
+        return self.wo(o.reshape(B, T, H * d).astype(x.dtype))
+
+    def memory(self, q, k, v, g, mem, pos, starts, real, *, has_resets: bool):
+        return nm_op.neural_memory(
+            self.rule(), self.outer(), self.memory_init(), mem, q, k, v, log_ret=g["log_ret"],
+            lr=g["lr"], log_mom=g["log_mom"], gamma=g["gamma"], extra=g["extra"], pos=pos,
+            reset=starts, real=real, max_resets=self.cfg.max_resets if has_resets else None,
+            impl=self.cfg.impl)
+
+    def __call__(self, x, state=None, *, mask=None, segment_ids=None, context=None,
+                 deterministic: bool = True, key=None):
+        B, T, _ = x.shape
+        if state is None:
+            state = self.init_state(B)
+        real = real_mask(mask, B, T)
+        starts = doc_starts(segment_ids, B, T)
+        pos, _, next_pos = token_positions(state.pos, starts, real)
+        q, k, v, conv_state = self.qkv(x, state.conv, real, starts)
+        g = self.gates(x)
+        y, mem = self.memory(q, k, v, g, state.mem, pos, starts, real,
+                             has_resets=segment_ids is not None)
+        out = self.output(x, y)
+        return out, NeuralMemoryLayerState(mem=mem, conv=conv_state, pos=next_pos), {}
+
+
+def neural_memory_param_count(cfg: NeuralMemoryConfig) -> int:
+    """Parameters of one NeuralMemory mixer."""
+    D, H, d = cfg.dim, cfg.n_heads, cfg.hd
+    n = 3 * D * H * d + 3 * H * d * cfg.conv_size          # q/k/v projections + conv
+    n += (3 if cfg.momentum else 2) * (D * H + H)            # gates
+    n += D * H * d + H * d * D + d                           # W_g, W_O, output norm
+    n += H * sum(a * b for a, b in memory_shapes(cfg).values())
+    if cfg.memory == "mlp" and cfg.memory_ln:
+        n += 2 * H * d
+    return n
