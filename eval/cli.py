@@ -139,6 +139,7 @@ def plan_runs(args, run_dirs: list[str]) -> list[RunPlan]:
     from train import checkpoint as ckpt
     from train import config as config_lib
     plans, stores = [], {}
+    base = [run_name(d) for d in run_dirs]
     for d in run_dirs:
         try:
             cfg = ckpt.load_config(d)
@@ -155,7 +156,9 @@ def plan_runs(args, run_dirs: list[str]) -> list[RunPlan]:
         key = os.path.abspath(out)
         if key not in stores:
             stores[key] = ResultsStore(out)
-        plans.append(RunPlan(d, run_name(d), model_name, model_cfg, cfg.get("data"),
+        # a run is named by its directory; by its path where two directories share a name
+        name = run_name(d) if base.count(run_name(d)) == 1 else os.path.normpath(d)
+        plans.append(RunPlan(d, name, model_name, model_cfg, cfg.get("data"),
                              select_steps(args.steps, steps, d), stores[key]))
     return plans
 

@@ -311,10 +311,28 @@ class Passkey(Task):
             return []
         out = []
         for L in _lengths(run, opts):
+            err = self.check(run, fmt, L, opts)
+            if err:
+                _warn(f"passkey len={L} not run: {err}")
+                continue
             for d in opts.passkey_depths:
                 out.append(Setting(setting_name(len=L, depth=float(d)),
                                    dict(length=L, depth=float(d), format=fmt), L))
         return out
+
+    def check(self, run, fmt, L, opts) -> str | None:
+        """Why length L cannot hold a passkey example (None: it can)."""
+        from train import synthetic
+        if fmt == "tokens":
+            return synthetic.passkey_tokens_check(
+                seq_len=L - 1, num_digits=int(run.get("passkey_digits")),
+                num_filler_tokens=int(run.get("passkey_filler_tokens")))
+        try:
+            synthetic.passkey_text(np.random.default_rng(0), length=L - 1 - opts.passkey_new,
+                                   depth=0.5)
+        except ValueError as e:
+            return str(e)
+        return None
 
     def score(self, run, model, setting, opts):
         from train import synthetic
@@ -373,7 +391,16 @@ class Needle(Task):
         if self.name != "niah_single_1" and not self.haystack(run, opts):
             _warn(f"{self.name} not run: needs a haystack text (--niah_haystack=FILE)")
             return []
-        return [Setting(setting_name(len=L), dict(length=L), L) for L in _lengths(run, opts)]
+        out = []
+        for L in _lengths(run, opts):
+            try:   # the prompt without haystack must fit (a question of the format, not the model)
+                synthetic.needle_text(np.random.default_rng(0), variant=self.name, length=L - 1,
+                                      answer_room=self.n_new(), haystack_text="Filler text.")
+            except ValueError as e:
+                _warn(f"{self.name} len={L} not run: {e}")
+                continue
+            out.append(Setting(setting_name(len=L), dict(length=L), L))
+        return out
 
     def score(self, run, model, setting, opts):
         from train import synthetic

@@ -258,3 +258,12 @@ def test_eval_agrees_with_the_trainers_held_out_numbers(tmp_path, capsys):
     assert got[(4, "ppl", "loss")] == pytest.approx(val["val_loss"], rel=1e-5)
     # 8 queries in every example: the mean per-example fraction is the per-token accuracy
     assert got[(4, "mqar", "acc")] == pytest.approx(val["val_accuracy"], abs=1e-6)
+
+
+def test_eval_cli_runs_with_the_same_name_keep_apart(runs, tmp_path):
+    for parent in ("x", "y"):
+        shutil.copytree(runs / "a", tmp_path / parent / "a", ignore=shutil.ignore_patterns("eval"))
+    assert main([f"--run_dir={tmp_path}/*/a", "--tasks=ppl", f"--out={tmp_path}/o",
+                 "--ppl_batches=1", "--batch_size=8", "--no_progress", "--no_plots"]) == 0
+    rows = read_rows(str(tmp_path / "o" / "results.jsonl"))
+    assert sorted({r["run"] for r in rows}) == [f"{tmp_path}/x/a", f"{tmp_path}/y/a"]

@@ -361,3 +361,15 @@ def test_decode_throughput_positive_and_limited():
     out = evaluate_all(tasks.get_task("decode"), run, oracle(128, induction_rule, max_len=20),
                        decode_prompt=16, decode_new=8)
     assert list(out.values()) == [{tasks.SKIPPED: 20.0}]
+
+
+def test_lengths_too_short_for_the_format_are_not_settings(capsys):
+    run = run_of(source="mqar", seq_len=64)
+    V = synthetic.BYTE_VOCAB
+    opts = tasks.Options(lengths=[64, 512], passkey_format="bytes", passkey_depths=[0.5])
+    model = oracle(V, induction_rule)
+    assert [s.name for s in tasks.get_task("niah_single_1").settings(run, model, opts)] == ["len=512"]
+    assert [s.name for s in tasks.get_task("passkey").settings(run, model, opts)] == \
+        ["len=512,depth=0.5"]
+    err = capsys.readouterr().err
+    assert "niah_single_1 len=64 not run" in err and "passkey len=64 not run" in err
