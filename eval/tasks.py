@@ -285,6 +285,16 @@ def decode_bytes(tokens: Sequence[int]) -> str:
     return out.decode("utf-8", errors="replace")
 
 
+def byte_prompt(ids, model: Model) -> np.ndarray:
+    """[BOS] + bytes for models with the byte-level task vocabulary (256 bytes + BOS + EOS, as the
+    passkey/needle training rows); the bare bytes for plain byte LMs (vocabulary 256, `text`)."""
+    from train import synthetic
+    ids = np.asarray(ids, np.int32)
+    if model.vocab_size >= synthetic.BYTE_VOCAB:
+        ids = np.concatenate([[synthetic.BYTE_BOS], ids])
+    return ids.astype(np.int32)
+
+
 class Passkey(Task):
     name = "passkey"
 
@@ -294,7 +304,7 @@ class Passkey(Task):
             return opts.passkey_format
         if run.source == "passkey":
             return run.get("passkey_format")
-        if is_byte_level(run) or model.vocab_size >= synthetic.BYTE_VOCAB:
+        if is_byte_level(run) or model.vocab_size >= 256:
             return "bytes"
         return "tokens"
 
@@ -305,7 +315,7 @@ class Passkey(Task):
             F = int(run.get("passkey_filler_tokens"))
             need = synthetic.passkey_token_vocab(F)["vocab_size"]
         else:
-            need = synthetic.BYTE_VOCAB
+            need = 256
         if model.vocab_size < need:
             _warn(f"passkey ({fmt}) not run: needs a vocabulary of {need}, model has {model.vocab_size}")
             return []
@@ -355,8 +365,7 @@ class Passkey(Task):
         budget = p["length"] - 1 - n_new
         data = synthetic.generate(synthetic.passkey_text, seed=seed, n=opts.n_examples,
                                   length=budget, depth=p["depth"])
-        prompts = [np.concatenate([[synthetic.BYTE_BOS], ids]).astype(np.int32)
-                   for ids in data["prompt_ids"]]
+        prompts = [byte_prompt(ids, model) for ids in data["prompt_ids"]]
         gen = _generate_all(model, prompts, n_new, opts)
         hits = [first_integer(decode_bytes(g)) == ans for g, ans in zip(gen, data["answer"])]
         return {"acc": float(np.mean(hits))}
@@ -384,8 +393,8 @@ class Needle(Task):
 
     def settings(self, run, model, opts):
         from train import synthetic
-        if model.vocab_size < synthetic.BYTE_VOCAB:
-            _warn(f"{self.name} not run: needs a byte-level vocabulary of {synthetic.BYTE_VOCAB}, "
+        if model.vocab_size < 256:
+            _warn(f"{self.name} not run: needs a byte-level vocabulary (256 bytes), "
                   f"model has {model.vocab_size}")
             return []
         if self.name != "niah_single_1" and not self.haystack(run, opts):
@@ -413,8 +422,7 @@ class Needle(Task):
         data = synthetic.generate(synthetic.needle_text, seed=_seed(run, opts), n=opts.n_examples,
                                   variant=self.name, length=setting.params["length"] - 1,
                                   answer_room=n_new, **kw)
-        prompts = [np.concatenate([[synthetic.BYTE_BOS], ids]).astype(np.int32)
-                   for ids in data["prompt_ids"]]
+        prompts = [byte_prompt(ids, model) for ids in data["prompt_ids"]]
         gen = _generate_all(model, prompts, n_new, opts)
         hits = [ans.lower() in decode_bytes(g).lower() for g, ans in zip(gen, data["answer"])]
         return {"acc": float(np.mean(hits))}

@@ -374,3 +374,18 @@ def test_lengths_too_short_for_the_format_are_not_settings(capsys):
         ["len=512,depth=0.5"]
     err = capsys.readouterr().err
     assert "niah_single_1 len=64 not run" in err and "passkey len=64 not run" in err
+
+
+def test_plain_byte_lm_gets_prompts_without_bos():
+    """A text-trained byte LM (vocabulary 256) is prompted with the bare bytes: the oracle that
+    requires the prompt to start with the task line (no BOS) still scores 1."""
+    run = run_of(source="text", seq_len=256)
+    pat = list(b"The pass key is")
+    starts_with_task = list(synthetic.PASSKEY_TASK.encode()[:8])
+
+    def rule(buf, pos):
+        ok = jnp.all(buf[:, :8] == jnp.asarray(starts_with_task)[None, :], axis=1)
+        return jnp.where(ok[:, None], pointer_rule(pat, pat)(buf, pos), 0)
+    out = evaluate_all(tasks.get_task("passkey"), run, oracle(256, rule), lengths=[512],
+                       passkey_depths=[0.5])
+    assert out == {"len=512,depth=0.5": {"acc": 1.0}}
