@@ -6,8 +6,8 @@ Files in an output directory:
                   (all the metrics of one (run, step, task, setting) unit) as complete lines in a
                   single `os.write` on an O_APPEND descriptor, then fsyncs, so a reader never sees
                   half a row and a unit is either wholly present or absent.
-  results.csv     the same rows, de-duplicated (the latest row of each key wins), rewritten from the
-                  JSONL through a temporary file and `os.replace` after every append.
+  results.csv     the same rows, de-duplicated (the latest row of each key wins), rebuilt from the
+                  JSONL file through a temporary file and `os.replace` after every append.
 
 A unit counts as finished when any of its rows is present; `--force` recomputes it and appends
 new rows, which supersede the old ones in the CSV, the tables and the plots (the JSONL keeps the
@@ -126,7 +126,8 @@ class ResultsStore:
             os.close(fd)
         self._rows.extend(rows)
         self._units.update(unit_key(r) for r in rows)
-        _write_atomic(self.csv, _csv_text(self.rows()))
+        # rebuilt from the file, so rows appended by another process sharing --out are kept
+        _write_atomic(self.csv, _csv_text(latest(read_rows(self.jsonl))))
 
 
 def fmt_value(v: float) -> str:
