@@ -37,8 +37,7 @@ def test_reference_is_the_contract_rule():
         np.testing.assert_allclose(S[0, h], St, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("T,chunk,init", [(1, 4, True), (7, 4, False), (13, 4, True),
-                                          (21, 8, True), (21, 64, False)])
+@pytest.mark.parametrize("T,chunk,init", [(1, 4, True), (13, 4, False), (21, 8, True)])
 def test_chunked_equals_reference_float64(T, chunk, init):
     with jax.enable_x64():
         args = _inputs(jax.random.key(T), 2, T, 2, 6, 5, jnp.float64, init)
@@ -48,8 +47,8 @@ def test_chunked_equals_reference_float64(T, chunk, init):
             return gated_delta(q, k, v, g, beta, scale=0.5, initial_state=S0, impl=impl,
                                chunk=chunk)
 
-        o_r, S_r = run("reference", *args)
-        o_c, S_c = run("chunked", *args)
+        o_r, S_r = jax.jit(lambda *a: run("reference", *a))(*args)
+        o_c, S_c = jax.jit(lambda *a: run("chunked", *a))(*args)
         np.testing.assert_allclose(o_c, o_r, rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(S_c, S_r, rtol=1e-10, atol=1e-10)
         w_o = jax.random.normal(jax.random.key(99), o_r.shape, jnp.float64)
@@ -61,8 +60,8 @@ def test_chunked_equals_reference_float64(T, chunk, init):
 
         argn = tuple(range(6)) if init else tuple(range(5))
         a = args if init else args[:5] + (None,)
-        g_r = jax.grad(lambda *x: loss("reference", *x), argnums=argn)(*a)
-        g_c = jax.grad(lambda *x: loss("chunked", *x), argnums=argn)(*a)
+        g_r = jax.jit(jax.grad(lambda *x: loss("reference", *x), argnums=argn))(*a)
+        g_c = jax.jit(jax.grad(lambda *x: loss("chunked", *x), argnums=argn))(*a)
         for x, y in zip(g_c, g_r):
             np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-9)
 
