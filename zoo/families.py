@@ -1,3 +1,5 @@
 """Imports every family module so that their `@register` calls run. Add one line per family."""
 import zoo.transformer  # noqa: F401
 import zoo.mamba  # noqa: F401
+import zoo.lssl  # noqa: F401
+import zoo.titans  # noqa: F401

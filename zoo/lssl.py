@@ -1,0 +1,198 @@
+"""Deep LSSL (specs/lssl.md §3.2): registered as the causal LM "lssl" and the pooled
+sequence classifier "lssl_classifier" (non-causal: mean over time, then a linear read-out).
+
+Blocks: pre-norm `x + Dropout(LSSL(LayerNorm(x)))` (post-norm `LayerNorm(x + Dropout(LSSL(x)))`
+with `prenorm=False`), LayerNorm with affine and eps 1e-5, no MLP between layers. The LM embeds
+tokens, runs the blocks, a final LayerNorm and a head tied to the embedding by default. The
+classifier encodes integer tokens with an embedding (sequential-image pixels as tokens) or float
+features [B, T, d_input] with a Linear encoder, and averages the real (mask) positions.
+
+`impl`: "reference" (the recurrence) or "chunked" (convolution inside chunks of `chunk_size`
+with state passing); `rate` is the fixed dt multiplier (test-time resampling), never derived
+from the call length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.common import dropout, fold, real_mask
+from layers.embed import Embed
+from layers.linear import Dense
+from layers.lssl import LSSLMixer
+from layers.norms import LayerNorm
+from zoo.lm import CausalLM
+from zoo.registry import ConformanceSpec, register
+
+Array = jax.Array
+
+
+@dataclass(frozen=True)
+class LSSLConfig:
+    vocab_size: int = 256            # token inputs (LM; classifier with d_input == 0)
+    d_input: int = 0                 # classifier only: > 0 takes float features [B, T, d_input]
+    n_classes: int = 10              # classifier only
+    dim: int = 128                   # H
+    n_layers: int = 6
+    d_state: int = 128               # N
+    channels: int = 1                # M
+    measure: str = "legs"            # legs | legt | lagt (initialisation of A, B)
+    legt_scale: float = 0.5
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    discretization: str = "bilinear"  # bilinear | zoh
+    rate: float = 1.0
+    learn_A: bool = True             # False with learn_dt False: LSSL-f
+    learn_dt: bool = True
+    dropout: float = 0.0
+    prenorm: bool = True
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    impl: str = "reference"          # reference | chunked
+    chunk_size: int = 64
+    compute_dtype: str = "float32"
+    remat: str = "none"
+
+    def validate(self):
+        for key, val, ok in (("measure", self.measure, ("legs", "legt", "lagt")),
+                             ("discretization", self.discretization, ("bilinear", "zoh")),
+                             ("impl", self.impl, ("reference", "chunked"))):
+            if val not in ok:
+                raise ValueError(f"model.{key}={val!r} is not one of {ok}")
+        if self.rate <= 0:
+            raise ValueError(f"model.rate={self.rate} must be > 0")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(f"model.dt_min={self.dt_min} must be in (0, model.dt_max={self.dt_max}]")
+        if self.chunk_size < 1:
+            raise ValueError(f"model.chunk_size={self.chunk_size} must be >= 1")
+
+
+def _mixer(cfg: LSSLConfig, rngs: nnx.Rngs) -> LSSLMixer:
+    return LSSLMixer(cfg.dim, rngs=rngs, d_state=cfg.d_state, channels=cfg.channels,
+                     measure=cfg.measure, legt_scale=cfg.legt_scale, dt_min=cfg.dt_min,
+                     dt_max=cfg.dt_max, discretization=cfg.discretization, rate=cfg.rate,
+                     learn_A=cfg.learn_A, learn_dt=cfg.learn_dt, dropout=cfg.dropout,
+                     impl=cfg.impl, chunk=cfg.chunk_size)
+
+
+class LSSLBlock(nnx.Module):
+    """Pre-norm `x + drop(mixer(norm(x)))` or post-norm `norm(x + drop(mixer(x)))`."""
+
+    def __init__(self, mixer: LSSLMixer, norm: LayerNorm, *, prenorm: bool, resid_dropout: float):
+        self.mixer, self.norm, self.prenorm, self.resid_dropout = mixer, norm, prenorm, resid_dropout
+
+    def init_state(self, batch_size: int, max_len: int | None = None):
+        return self.mixer.init_state(batch_size, max_len)
+
+    def __call__(self, x, state=None, *, mask=None, segment_ids=None, context=None, key=None):
+        det = key is None
+        h = self.norm(x) if self.prenorm else x
+        y, state, aux = self.mixer(h, state, mask=mask, segment_ids=segment_ids, context=context,
+                                   deterministic=det, key=fold(key, 0))
+        x = x + dropout(y, self.resid_dropout, fold(key, 1))
+        if not self.prenorm:
+            x = self.norm(x)
+        return x, state, aux
+
+
+def _blocks(cfg: LSSLConfig, rngs: nnx.Rngs) -> list[LSSLBlock]:
+    return [LSSLBlock(_mixer(cfg, rngs), LayerNorm(cfg.dim, eps=cfg.norm_eps), prenorm=cfg.prenorm,
+                      resid_dropout=cfg.dropout) for _ in range(cfg.n_layers)]
+
+
+def _mixer_params(cfg: LSSLConfig) -> int:
+    H, N, M = cfg.dim, cfg.d_state, cfg.channels
+    transition = 4 * N + 2 * (N - 1) + N          # p, q, dg, t_diag, t_sub, t_sup, b
+    return transition + H + H * M * N + H * M + H * M * H + H
+
+
+def lssl_param_count(cfg: LSSLConfig) -> int:
+    """Per layer: shared transition 7N-2, log_dt H, C HMN, D HM, output linear HMH + H, LayerNorm
+    2H (≈ M H (H + N), §3.2). LM: + embedding VH (+ untied head VH) + final LayerNorm 2H."""
+    H = cfg.dim
+    body = cfg.n_layers * (_mixer_params(cfg) + 2 * H)
+    return body + cfg.vocab_size * H * (1 if cfg.tie_embeddings else 2) + 2 * H
+
+
+def lssl_classifier_param_count(cfg: LSSLConfig) -> int:
+    H = cfg.dim
+    enc = cfg.d_input * H + H if cfg.d_input > 0 else cfg.vocab_size * H
+    final = 2 * H if cfg.prenorm else 0
+    return enc + cfg.n_layers * (_mixer_params(cfg) + 2 * H) + final + H * cfg.n_classes + cfg.n_classes
+
+
+_TINY = LSSLConfig(vocab_size=37, dim=8, n_layers=2, d_state=6, channels=2, dt_min=0.05,
+                   dt_max=0.5, init_std=0.5, n_classes=5)
+
+
+@register("lssl", config=LSSLConfig, param_count=lssl_param_count,
+          conformance=ConformanceSpec(
+              config=_TINY, length=13, cuts=(1, 4, 5, 12),
+              reference={"impl": "reference"},
+              fast=({"impl": "chunked", "chunk_size": 4},)))
+def build_lssl(cfg: LSSLConfig, rngs: nnx.Rngs) -> CausalLM:
+    cfg.validate()
+    embed = Embed(cfg.vocab_size, cfg.dim, rngs=rngs, std=cfg.init_std)
+    head = None if cfg.tie_embeddings else Dense(cfg.dim, cfg.vocab_size, rngs=rngs,
+                                                 axes=("embed", "vocab"), std=cfg.init_std)
+    return CausalLM(embed=embed, blocks=_blocks(cfg, rngs),
+                    final_norm=LayerNorm(cfg.dim, eps=cfg.norm_eps), head=head,
+                    embed_dropout=0.0, compute_dtype=cfg.compute_dtype, remat=cfg.remat)
+
+
+class LSSLClassifier(nnx.Module):
+    """Encoder -> LSSL blocks -> (final LayerNorm when pre-norm) -> mean over real positions ->
+    Linear(H -> n_classes). `model(inputs, state=None, *, mask=None, segment_ids=None, key=None)
+    -> (logits [B, n_classes], None, {})`: a pooled head, outside the causal contract."""
+
+    def __init__(self, cfg: LSSLConfig, rngs: nnx.Rngs):
+        self.d_input = cfg.d_input
+        if cfg.d_input > 0:
+            self.encoder = Dense(cfg.d_input, cfg.dim, rngs=rngs, use_bias=True,
+                                 axes=(None, "embed"), init="torch")
+        else:
+            self.encoder = Embed(cfg.vocab_size, cfg.dim, rngs=rngs, std=cfg.init_std)
+        self.blocks = nnx.List(_blocks(cfg, rngs))
+        self.final_norm = LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.prenorm else None
+        self.decoder = Dense(cfg.dim, cfg.n_classes, rngs=rngs, use_bias=True,
+                             axes=("embed", None), init="torch")
+        self.compute_dtype = cfg.compute_dtype
+
+    def __call__(self, inputs: Array, state=None, *, mask=None, segment_ids=None, key=None):
+        if segment_ids is not None:
+            raise ValueError("lssl_classifier pools whole sequences: packed inputs (segment_ids) "
+                             "are not supported")
+        B, T = inputs.shape[:2]
+        h = self.encoder(inputs).astype(jnp.dtype(self.compute_dtype))
+        for i, blk in enumerate(self.blocks):
+            h, _, _ = blk(h, None, mask=mask, key=fold(key, 100 + i))
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        m = real_mask(mask, B, T).astype(jnp.float32)[..., None]
+        pooled = jnp.sum(h.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+        return self.decoder(pooled).astype(jnp.float32), None, {}
+
+
+@register("lssl_classifier", config=LSSLConfig, causal=False, resets=False,
+          param_count=lssl_classifier_param_count,
+          conformance=ConformanceSpec(
+              config=_TINY, length=13, decode=False,
+              reference={"impl": "reference"},
+              fast=({"impl": "chunked", "chunk_size": 4},)))
+def build_lssl_classifier(cfg: LSSLConfig, rngs: nnx.Rngs) -> LSSLClassifier:
+    cfg.validate()
+    return LSSLClassifier(cfg, rngs)
+
+
+def classifier_loss(graphdef, params, batch, key=None):
+    """Mean cross-entropy of the pooled logits against `batch["labels"]` [B] (pure form)."""
+    model = nnx.merge(graphdef, params)
+    logits, _, _ = model(batch["inputs"], None, mask=batch.get("mask"), key=key)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["labels"][:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return jnp.mean(nll), {"ce": jnp.mean(nll),
+                           "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["labels"])}
