@@ -111,9 +111,10 @@ class CausalLM(nnx.Module):
         for i, blk in enumerate(self.blocks):
             call = blk
             if self.remat != "none":
-                call = nnx.remat(lambda b, *a, **kw: b(*a, **kw), policy=remat_policy(self.remat))
-                h, s, a = call(blk, h, states[i], mask=mask, segment_ids=segment_ids,
-                               key=fold(key, 100 + i))
+                # nnx.remat takes positional arguments only
+                call = nnx.remat(lambda b, x, st, m, sid, k: b(x, st, mask=m, segment_ids=sid, key=k),
+                                 policy=remat_policy(self.remat))
+                h, s, a = call(blk, h, states[i], mask, segment_ids, fold(key, 100 + i))
             else:
                 h, s, a = blk(h, states[i], mask=mask, segment_ids=segment_ids,
                               key=fold(key, 100 + i))
