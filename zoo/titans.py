@@ -1,0 +1,156 @@
+"""Titans (specs/titans.md): the LMM (memory-only) model and the MAC / MAG / MAL hybrids.
+
+Registered: "titans_lmm", "titans_mac", "titans_mag", "titans_mal". Every block is pre-RMSNorm +
+residual with a SwiGLU MLP (titans.md §3.1). The memory mixer is `layers.memory.NeuralMemory`
+(the shared neural-memory layer); its chunk size `chunk` (b) is part of the model.
+
+* LMM:  [NeuralMemory, MLP] x n_layers.
+* MAC:  [MACMixer, MLP] x n_layers; segments of `segment` (C) tokens of x (b divides C);
+        retrieval h = W_h M_{W_start}(q(x)), attention over [P; h_{<=i}; x_{<=i}] of the current
+        segment (the position-aligned mask of §3.4: h_j carries x_j's position), memory written
+        from the attention output y, output RMSNorm(y) * sigmoid(RMSNorm(m)).
+* MAG:  [MAGMixer, MLP] x n_layers; sliding-window attention with the persistent prefix P and
+        the memory on [P; x] in parallel, combined by RMSNorm(y) * sigmoid(RMSNorm(m)).
+* MAL:  alternating [memory on [P; x], MLP] and [sliding-window attention with prefix P, MLP]
+        (Samba style, §3.6).
+For MAG / MAL the memory's input stream starts with the N_p persistent tokens: `init_state` is
+the state after them (it depends on parameters). Those two cannot reset at packed document
+starts (a reset would have to return to the post-P state) and are registered `resets=False`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from layers.attention import Attention
+from layers.common import doc_starts, normal, param, real_mask, token_positions
+from layers.embed import Embed
+from layers.linear import Dense
+from layers.memory import (NeuralMemory, NeuralMemoryConfig, NeuralMemoryLayerState,
+                           neural_memory_param_count)
+from layers.mlp import SwiGLU, llama_ffn_dim
+from layers.norms import RMSNorm, rms_norm
+from layers.rope import apply_rope
+from pallas_kernels.attention import attention as attention_op
+from pallas_kernels.neural_memory import read as memory_read
+from zoo.lm import Block, CausalLM
+from zoo.registry import ConformanceSpec, register
+
+Array = jax.Array
+
+
+@dataclass(frozen=True)
+class TitansConfig:
+    vocab_size: int = 256
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 2                 # memory heads
+    head_dim: int | None = None      # None: dim // n_heads
+    attn_heads: int | None = None    # None: n_heads
+    memory: str = "mlp"              # mlp | linear
+    memory_depth: int = 2
+    memory_expansion: int = 4
+    chunk: int = 16                  # b: memory anchor chunk (part of the model)
+    momentum: bool = True
+    objective: str = "l2"
+    lr_max: float | None = None
+    segment: int = 64                # C: MAC segment length (multiple of chunk)
+    window: int = 64                 # W: sliding window of MAG / MAL (W + 1 keys)
+    n_persistent: int = 4            # N_p persistent memory tokens (MAC, MAG, MAL)
+    ffn_dim: int | None = None
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    rope_base: float = 10000.0
+    max_len: int = 2048              # attention KV-cache length where it is not windowed
+    mem_impl: str = "auto"
+    attn_impl: str = "auto"
+    max_resets: int = 4
+    compute_dtype: str = "float32"
+    remat: str = "none"
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def d_ff(self) -> int:
+        return self.ffn_dim or llama_ffn_dim(self.dim, 256 if self.dim >= 512 else 32)
+
+    @property
+    def n_attn_heads(self) -> int:
+        return self.attn_heads or self.n_heads
+
+    def validate(self):
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.memory not in ("mlp", "linear"):
+            raise ValueError(f"model.memory={self.memory!r} is not one of ('mlp', 'linear')")
+        if self.segment % self.chunk:
+            raise ValueError(f"model.segment={self.segment} is not a multiple of "
+                             f"model.chunk={self.chunk}")
+        if self.dim % self.n_attn_heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by the attention heads")
+
+    def memory_config(self) -> NeuralMemoryConfig:
+        return NeuralMemoryConfig(
+            dim=self.dim, n_heads=self.n_heads, head_dim=self.head_dim, memory=self.memory,
+            depth=self.memory_depth, expansion=self.memory_expansion, objective=self.objective,
+            chunk=self.chunk, momentum=self.momentum, lr_max=self.lr_max,
+            norm_eps=self.norm_eps, init_std=self.init_std, impl=self.mem_impl,
+            max_resets=self.max_resets)
+
+
+def _ffn(cfg: TitansConfig, rngs):
+    return SwiGLU(cfg.dim, cfg.d_ff, rngs=rngs, std=cfg.init_std)
+
+
+def _norm(cfg: TitansConfig):
+    return RMSNorm(cfg.dim, eps=cfg.norm_eps)
+
+
+def _lm(cfg: TitansConfig, blocks, rngs) -> CausalLM:
+    embed = Embed(cfg.vocab_size, cfg.dim, rngs=rngs, std=cfg.init_std)
+    head = None if cfg.tie_embeddings else Dense(cfg.dim, cfg.vocab_size, rngs=rngs,
+                                                 axes=("embed", "vocab"), std=cfg.init_std)
+    return CausalLM(embed=embed, blocks=blocks, final_norm=_norm(cfg), head=head,
+                    compute_dtype=cfg.compute_dtype, remat=cfg.remat)
+
+
+def _base_count(cfg: TitansConfig) -> int:
+    D = cfg.dim
+    emb = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
+    return emb + D  # + final norm
+
+
+def _block_count(cfg: TitansConfig, mixer: int) -> int:
+    return mixer + 3 * cfg.dim * cfg.d_ff + 2 * cfg.dim
+
+
+# ----------------------------------------------------------------------------- LMM
+
+
+def lmm_param_count(cfg: TitansConfig) -> int:
+    return _base_count(cfg) + cfg.n_layers * _block_count(
+        cfg, neural_memory_param_count(cfg.memory_config()))
+
+
+_TINY = dict(vocab_size=37, dim=16, n_layers=2, n_heads=2, init_std=0.1, ffn_dim=32)
+
+
+@register("titans_lmm", config=TitansConfig, param_count=lmm_param_count,
+          conformance=ConformanceSpec(
+              config=TitansConfig(**_TINY, chunk=4),
+              length=13, cuts=(1, 4, 6, 12),
+              reference={"mem_impl": "reference"}, fast=({"mem_impl": "chunked"},)))
+def build_titans_lmm(cfg: TitansConfig, rngs: nnx.Rngs) -> CausalLM:
+    cfg.validate()
+    mcfg = cfg.memory_config()
+    blocks = [Block(NeuralMemory(mcfg, rngs=rngs), _norm(cfg), _ffn(cfg, rngs), _norm(cfg))
+              for _ in range(cfg.n_layers)]
+    return _lm(cfg, blocks, rngs)
