@@ -11,6 +11,7 @@ All maths runs in float32 (float64 when given float64 arrays, for tests).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -283,11 +284,14 @@ class LSSLState:
     pos: Array    # [B] int32
 
 
+@functools.partial(jax.jit, static_argnames=("discretization", "rate", "learn_A", "learn_dt",
+                                             "impl", "chunk"))
 def lssl_ssm(p: dict[str, Array], u: Array, s: Array, mask: Array, reset: Array, *,
              discretization: str = "bilinear", rate: float = 1.0, learn_A: bool = True,
              learn_dt: bool = True, impl: str = "reference",
              chunk: int = 64) -> tuple[Array, Array]:
-    """The SSM part of one LSSL layer: (u [B, L, H], state) -> (y [B, L, H, M], state)."""
+    """The SSM part of one LSSL layer: (u [B, L, H], state) -> (y [B, L, H, M], state).
+    Jitted as a unit (inlined under an outer jit; one compile instead of many small eager ops)."""
     tp = {k: p[k] for k in ("p", "q", "dg", "t_diag", "t_sub", "t_sup", "b")}
     if not learn_A:
         tp = jax.tree.map(jax.lax.stop_gradient, tp)

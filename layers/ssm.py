@@ -14,6 +14,7 @@ first token and the conv window restarts (the shared conv's `starts`).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -64,6 +65,7 @@ def _torch_linear(dim_in: int, dim_out: int, rngs: nnx.Rngs, axes, scale: float 
 
 # ----------------------------------------------------------------------------- Mamba-1 maths
 
+@functools.partial(jax.jit, static_argnames=("d_state", "dt_rank", "exact_zoh", "impl", "chunk"))
 def mamba_mixer(p: dict[str, Array], u: Array, state: SSMState, mask: Array, starts: Array, *,
                 d_state: int, dt_rank: int, exact_zoh: bool = False, impl: str = "auto",
                 chunk: int = 64) -> tuple[Array, SSMState]:
@@ -147,6 +149,8 @@ class MambaMixer(nnx.Module):
 
 # ----------------------------------------------------------------------------- Mamba-2 maths
 
+@functools.partial(jax.jit, static_argnames=("n_heads", "n_groups", "d_state", "eps", "dt_limit",
+                                             "impl", "chunk"))
 def mamba2_mixer(p: dict[str, Array], u: Array, state: SSMState, mask: Array, starts: Array, *,
                  n_heads: int, n_groups: int, d_state: int, eps: float,
                  dt_limit: tuple[float, float] = (0.0, math.inf), impl: str = "auto",
