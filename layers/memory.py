@@ -59,7 +59,7 @@ from flax import nnx, struct
 from layers.common import doc_starts, normal, param, real_mask, token_positions
 from layers.conv import CausalConv1d
 from layers.linear import Dense
-from layers.norms import gated_rms_norm, l2_norm, layer_norm
+from layers.norms import gated_rms_norm, l2_norm
 from pallas_kernels import neural_memory as nm_op
 from pallas_kernels.neural_memory import MemoryRule, MemoryState
 
@@ -90,10 +90,17 @@ def mlp_memory(outer, W, x, *, act: Callable = jax.nn.gelu, residual: bool = Tru
         if i < L:
             h = act(h)
     if layer_norm_eps is not None:
-        h = layer_norm(h, outer["ln_w"], outer["ln_b"], layer_norm_eps)
+        h = _memory_layer_norm(h, outer["ln_w"], outer["ln_b"], layer_norm_eps)
     if residual:
         h = h + x[..., : h.shape[-1]]
     return h
+
+
+def _memory_layer_norm(x, w, b, eps):
+    """LayerNorm over the last dim in the inner-loop precision (float32, float64 for float64)."""
+    mu = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
+    return (x - mu) * jax.lax.rsqrt(var + eps) * w + b
 
 
 def gelu_exact(x):

@@ -1,0 +1,227 @@
+"""The neural-memory op and layer (titans.md §2.7, §4, §7; atlas.md §4 window).
+
+* both forms against an independent per-token implementation of the anchored rule written with
+  `jax.grad` of the inner loss (float64): chunk sizes 1, 3, 4, windows 1 and 3, the learning
+  rate inside (Titans) and outside (ATLAS) the momentum, linear and deep (MLP) memories;
+* chunked == reference (forward, state, gradients) at the same chunk size;
+* with chunk 1 both equal the plain token rule (gradient at W_{t-1});
+* a call may stop anywhere (mid-chunk) and continue; right padding; document resets (chunk grid
+  restarts) including the fallback when a row has more document starts than the static bound;
+* zero learning rate: y_t = M_{A_t W0}(q_t).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from layers.memory import (NeuralMemory, NeuralMemoryConfig, _MLPMemory, l2_signal,
+                           linear_memory)
+from pallas_kernels.neural_memory import MemoryRule, init_state, neural_memory
+
+B, T, H, D = 2, 11, 2, 4
+
+
+def _setup(memory, dtype=jnp.float64, seed=0, window=1):
+    ks = jax.random.split(jax.random.key(seed), 12)
+    n = lambda x: x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-6)
+    inp = dict(
+        q=n(jax.random.normal(ks[0], (B, T, H, D), dtype)),
+        k=n(jax.random.normal(ks[1], (B, T, H, D), dtype)),
+        v=jax.random.normal(ks[2], (B, T, H, D), dtype),
+        log_ret=jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H), dtype) + 2.0),
+        lr=0.6 * jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H), dtype)),
+        log_mom=jax.nn.log_sigmoid(jax.random.normal(ks[5], (B, T, H), dtype)),
+        gamma=jax.nn.sigmoid(jax.random.normal(ks[6], (B, T, H, window), dtype)))
+    if memory == "linear":
+        W0 = {"w": 0.3 * jax.random.normal(ks[7], (H, D, D), dtype)}
+        outer, fn = {}, linear_memory
+    else:
+        W0 = {"w1": 0.5 * jax.random.normal(ks[7], (H, D, 2 * D), dtype),
+              "w2": 0.5 * jax.random.normal(ks[8], (H, 2 * D, D), dtype)}
+        outer = {"ln_w": 1.0 + 0.1 * jax.random.normal(ks[9], (H, D), dtype),
+                 "ln_b": 0.1 * jax.random.normal(ks[10], (H, D), dtype)}
+        fn = _MLPMemory(True, 1e-5)
+    return inp, W0, outer, fn
+
+
+def _flags(pos=None, reset=None, real=None):
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if pos is None else pos
+    reset = jnp.zeros((B, T), bool) if reset is None else reset
+    real = jnp.ones((B, T), bool) if real is None else real
+    return dict(pos=pos, reset=reset, real=real)
+
+
+def _run(rule, outer, W0, state, inp, impl, **flags):
+    return neural_memory(rule, outer, W0, state, inp["q"], inp["k"], inp["v"],
+                         log_ret=inp["log_ret"], lr=inp["lr"], log_mom=inp.get("log_mom"),
+                         gamma=inp.get("gamma"), impl=impl, **{**_flags(), **flags})
+
+
+def _spec_loop(fn, outer, W0, inp, b, c, lr_inside):
+    """The anchored rule written out per token with jax.grad (titans.md §2.7, atlas.md §2.4,
+    §2.6): independent of the op's code."""
+
+    @jax.jit
+    def step(o, W, S, anchor, ks, vs, gam, lmom, lret, lr, q):
+        U = jax.tree.map(jnp.zeros_like, W)
+        for j in range(ks.shape[0]):  # source t - j (absent sources carry gamma 0)
+            gr = jax.grad(lambda w: 0.5 * jnp.sum((fn(o, w, ks[j]) - vs[j]) ** 2))(anchor)
+            U = jax.tree.map(lambda a, g: a + gam[j] * g, U, gr)
+        mom, ret = jnp.exp(lmom), jnp.exp(lret)
+        if lr_inside:
+            S = jax.tree.map(lambda s, u: mom * s - lr * u, S, U)
+            W = jax.tree.map(lambda w, s: ret * w + s, W, S)
+        else:
+            S = jax.tree.map(lambda s, u: mom * s + u, S, U)
+            W = jax.tree.map(lambda w, s: ret * w - lr * s, W, S)
+        return W, S, fn(o, W, q)
+
+    y = np.zeros(inp["v"].shape)
+    for bi in range(B):
+        for h in range(H):
+            o = jax.tree.map(lambda a: a[h], outer)
+            W = jax.tree.map(lambda a: a[h], W0)
+            S = jax.tree.map(jnp.zeros_like, W)
+            anchor = W
+            for t in range(T):
+                if t % b == 0:
+                    anchor = W
+                src = [max(t - j, 0) for j in range(c)]
+                gam = jnp.where(jnp.arange(c) <= t, inp["gamma"][bi, t, h], 0.0)
+                W, S, yt = step(o, W, S, anchor, inp["k"][bi, src, h], inp["v"][bi, src, h],
+                                gam, inp["log_mom"][bi, t, h], inp["log_ret"][bi, t, h],
+                                inp["lr"][bi, t, h], inp["q"][bi, t, h])
+                y[bi, t, h] = np.asarray(yt)
+    return y
+
+
+@pytest.mark.parametrize("memory,b,c,inside", [("linear", 1, 1, True), ("linear", 4, 3, False),
+                                               ("mlp", 4, 1, True), ("mlp", 3, 3, False)])
+def test_forms_equal_the_anchored_rule(memory, b, c, inside):
+    with jax.enable_x64():
+        inp, W0, outer, fn = _setup(memory, window=c)
+        rule = MemoryRule(fn, l2_signal, chunk=b, window=c, lr_inside=inside)
+        st = init_state(W0, B, D, D, c)
+        want = _spec_loop(fn, outer, W0, inp, b, c, inside)
+        y_r, s_r = _run(rule, outer, W0, st, inp, "reference")
+        y_c, s_c = jax.jit(lambda o, w, s, i: _run(rule, o, w, s, i, "chunked"))(outer, W0, st, inp)
+        np.testing.assert_allclose(y_r, want, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(y_c, want, rtol=1e-10, atol=1e-10)
+        for a, z in zip(jax.tree.leaves(s_c), jax.tree.leaves(s_r)):
+            np.testing.assert_allclose(a, z, rtol=1e-10, atol=1e-10)
+
+
+def test_chunk_one_is_the_plain_token_rule():
+    """b = 1, deep memory, momentum: gradient at W_{t-1} (titans.md §2.5), no anchor."""
+    with jax.enable_x64():
+        inp, W0, outer, fn = _setup("mlp", seed=1)
+        del inp["gamma"]  # no window gates: the plain rule
+        rule = MemoryRule(fn, l2_signal, chunk=1)
+        y_c, _ = _run(rule, outer, W0, init_state(W0, B, D, D), inp, "chunked")
+        for bi, h in ((0, 0), (1, 1)):
+            o = jax.tree.map(lambda a: a[h], outer)
+            W = jax.tree.map(lambda a: a[h], W0)
+            S = jax.tree.map(jnp.zeros_like, W)
+            for t in range(T):
+                kk, vv = inp["k"][bi, t, h], inp["v"][bi, t, h]
+                u = jax.grad(lambda w: 0.5 * jnp.sum((fn(o, w, kk) - vv) ** 2))(W)
+                eta, theta = jnp.exp(inp["log_mom"][bi, t, h]), inp["lr"][bi, t, h]
+                S = jax.tree.map(lambda s, g: eta * s - theta * g, S, u)
+                W = jax.tree.map(lambda w, s: jnp.exp(inp["log_ret"][bi, t, h]) * w + s, W, S)
+                np.testing.assert_allclose(y_c[bi, t, h], fn(o, W, inp["q"][bi, t, h]),
+                                           rtol=1e-10, atol=1e-10)
+
+
+def test_chunked_gradients_equal_reference():
+    with jax.enable_x64():
+        inp, W0, outer, fn = _setup("mlp", seed=2, window=2)
+        rule = MemoryRule(fn, l2_signal, chunk=4, window=2)
+        wy = jax.random.normal(jax.random.key(7), (B, T, H, D), jnp.float64)
+
+        def loss(impl, outer, W0, inp):
+            y, st = _run(rule, outer, W0, init_state(W0, B, D, D, 2), inp, impl)
+            return jnp.sum(y * wy) + sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(st.W))
+
+        g_r = jax.jit(jax.grad(lambda *a: loss("reference", *a), argnums=(0, 1, 2)))(outer, W0, inp)
+        g_c = jax.jit(jax.grad(lambda *a: loss("chunked", *a), argnums=(0, 1, 2)))(outer, W0, inp)
+        for a, z in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_r)):
+            assert np.all(np.isfinite(a))
+            np.testing.assert_allclose(a, z, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_split_anywhere_padding_and_resets(impl):
+    """One call == prefill (right padded, cut mid-chunk) + continuation; a packed row with a
+    document start == the two documents run separately (fresh state, chunk grid restarted)."""
+    with jax.enable_x64():
+        inp, W0, outer, fn = _setup("linear", seed=3, window=2)
+        rule = MemoryRule(fn, l2_signal, chunk=4, window=2)
+        st0 = init_state(W0, B, D, D, 2)
+        y, s = _run(rule, outer, W0, st0, inp, impl)
+        cuts = np.array([5, 3])  # mid-chunk for b = 4
+        t = np.arange(T)[None]
+        y1, s1 = _run(rule, outer, W0, st0, inp, impl, real=jnp.asarray(t < cuts[:, None]))
+        shift = lambda a: jnp.take_along_axis(
+            a, jnp.asarray(np.minimum(t + cuts[:, None], T - 1)).reshape((B, T) + (1,) * (a.ndim - 2)), 1)
+        inp2 = jax.tree.map(shift, inp)
+        pos2 = jnp.asarray(t + cuts[:, None], jnp.int32)
+        y2, s2 = _run(rule, outer, W0, s1, inp2, impl, pos=pos2,
+                      real=jnp.asarray(t < (T - cuts)[:, None]))
+        for r, c in enumerate(cuts):
+            np.testing.assert_allclose(y1[r, :c], y[r, :c], rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(y1[r, c:], 0.0)
+            np.testing.assert_allclose(y2[r, :T - c], y[r, c:], rtol=1e-10, atol=1e-10)
+        for a, z in zip(jax.tree.leaves(s2), jax.tree.leaves(s)):
+            np.testing.assert_allclose(a, z, rtol=1e-10, atol=1e-10)
+        # packed documents [0, a) | [a, T)
+        a = 6
+        reset = jnp.asarray(np.broadcast_to(t == a, (B, T)))
+        pos = jnp.asarray(np.broadcast_to(np.where(t < a, t, t - a), (B, T)), jnp.int32)
+        for max_resets in (1, 0):  # 0: more starts than the bound -> exact fallback
+            kw = dict(pos=pos, reset=reset)
+            y_p, s_p = neural_memory(rule, outer, W0, st0, inp["q"], inp["k"], inp["v"],
+                                     log_ret=inp["log_ret"], lr=inp["lr"],
+                                     log_mom=inp["log_mom"], gamma=inp["gamma"], impl=impl,
+                                     max_resets=max_resets, real=jnp.ones((B, T), bool), **kw)
+            tail = jax.tree.map(lambda x: x[:, a:], inp)
+            y_b = neural_memory(rule, outer, W0, st0, tail["q"], tail["k"], tail["v"],
+                                log_ret=tail["log_ret"], lr=tail["lr"], log_mom=tail["log_mom"],
+                                gamma=tail["gamma"], impl=impl, pos=pos[:, a:],
+                                reset=reset[:, a:] & False, real=jnp.ones((B, T - a), bool))[0]
+            np.testing.assert_allclose(y_p[:, :a], y[:, :a], rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(y_p[:, a:], y_b, rtol=1e-10, atol=1e-10)
+
+
+def test_zero_learning_rate_scales_the_initial_memory():
+    """θ ≡ 0, S0 = 0: y_t = M_{A_t W0}(q_t), A_t = prod_{j<=t}(1 - α_j) (titans.md §7.8)."""
+    with jax.enable_x64():
+        inp, W0, outer, fn = _setup("mlp", seed=4)
+        inp["lr"] = jnp.zeros_like(inp["lr"])
+        rule = MemoryRule(fn, l2_signal, chunk=4)
+        y, _ = _run(rule, outer, W0, init_state(W0, B, D, D), inp, "chunked")
+        A = jnp.exp(jnp.cumsum(inp["log_ret"], axis=1))
+        for bi, h, t in ((0, 0, 0), (1, 1, 6), (0, 1, T - 1)):
+            Wt = jax.tree.map(lambda w: A[bi, t, h] * w[h], W0)
+            o = jax.tree.map(lambda a: a[h], outer)
+            np.testing.assert_allclose(y[bi, t, h], fn(o, Wt, inp["q"][bi, t, h]), rtol=1e-12,
+                                       atol=1e-12)
+
+
+def test_layer_forms_agree_with_resets_and_padding():
+    """NeuralMemory: chunked == reference with packed documents and right padding."""
+    cfg = NeuralMemoryConfig(dim=16, n_heads=2, memory="mlp", chunk=4, init_std=0.2,
+                             impl="chunked")
+    layer = NeuralMemory(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 13, 16))
+    seg = jnp.asarray([[0] * 5 + [1] * 8, [0] * 9 + [1] * 4])
+    mask = jnp.asarray(np.arange(13)[None] < np.array([[13], [11]]))
+    y_c, s_c, _ = layer(x, mask=mask, segment_ids=seg)
+    layer.cfg = dataclasses.replace(cfg, impl="reference")
+    y_r, s_r, _ = layer(x, mask=mask, segment_ids=seg)
+    np.testing.assert_allclose(y_c, y_r, rtol=1e-5, atol=1e-6)
+    for a, z in zip(jax.tree.leaves(s_c), jax.tree.leaves(s_r)):
+        np.testing.assert_allclose(a, z, rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(y_c))) > 1e-3
