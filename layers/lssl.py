@@ -92,6 +92,7 @@ def structured_init(measure: str, N: int, legt_scale: float = 0.5) -> dict[str, 
     return {"p": p, "q": q, "dg": dg, "t_diag": t_diag, "t_sub": t_sub, "t_sup": t_sup, "b": b}
 
 
+@jax.jit
 def structured_A(p: Array, q: Array, dg: Array, t_diag: Array, t_sub: Array,
                  t_sup: Array) -> Array:
     """The dense A = -diag(p) (diag(dg) + T^{-1}) diag(q) (a solve, not an explicit inverse)."""
@@ -103,6 +104,7 @@ def structured_A(p: Array, q: Array, dg: Array, t_diag: Array, t_sub: Array,
 
 # ----------------------------------------------------------------------------- discretisation
 
+@functools.partial(jax.jit, static_argnames=("alpha",))
 def gbt(A: Array, Bv: Array, dt: Array, alpha: float = 0.5) -> tuple[Array, Array]:
     """Generalised bilinear transform (§2.2) for every step size dt [H]:
     Abar = (I - α dt A)^{-1} (I + (1-α) dt A), Bbar = dt (I - α dt A)^{-1} B.
@@ -117,6 +119,7 @@ def gbt(A: Array, Bv: Array, dt: Array, alpha: float = 0.5) -> tuple[Array, Arra
     return Abar, Bbar
 
 
+@jax.jit
 def zoh(A: Array, Bv: Array, dt: Array) -> tuple[Array, Array]:
     """Zero-order hold: Abar = exp(dt A), Bbar = A^{-1} (exp(dt A) - I) B (A invertible)."""
     A, Bv, dt = _ft(A, Bv, dt)
@@ -137,6 +140,7 @@ def discretize(A: Array, Bv: Array, dt: Array, method: str = "bilinear") -> tupl
 
 # ----------------------------------------------------------------------------- Krylov
 
+@functools.partial(jax.jit, static_argnums=(0,))
 def krylov(L: int, Abar: Array, v: Array) -> Array:
     """[v, Abar v, ..., Abar^{L-1} v] by repeated squaring (§2.4): Abar [H, N, N],
     v [..., H, N] -> [..., H, N, L]. Depth O(log L); L need not be a power of two."""
@@ -149,6 +153,7 @@ def krylov(L: int, Abar: Array, v: Array) -> Array:
     return X[..., :L]
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
 def ssm_kernel(L: int, Abar: Array, Bbar: Array, C: Array) -> Array:
     """K_j = C Abar^j Bbar for j < L: [H, M, L]."""
     return jnp.einsum("hmn,hnl->hml", C, krylov(L, Abar, Bbar))
@@ -156,6 +161,7 @@ def ssm_kernel(L: int, Abar: Array, Bbar: Array, C: Array) -> Array:
 
 # ----------------------------------------------------------------------------- the three views
 
+@jax.jit
 def recurrent_view(u: Array, Abar: Array, Bbar: Array, C: Array, D: Array,
                    s: Array | None = None, mask: Array | None = None,
                    reset: Array | None = None) -> tuple[Array, Array]:
@@ -181,6 +187,7 @@ def recurrent_view(u: Array, Abar: Array, Bbar: Array, C: Array, D: Array,
     return jnp.moveaxis(y, 0, 1), x
 
 
+@jax.jit
 def conv_view(u: Array, Abar: Array, Bbar: Array, C: Array, D: Array,
               s: Array | None = None) -> tuple[Array, Array]:
     """View 2: y = K * u (FFT of length >= 2L, no wrap-around) + D u + C Abar^{k+1} s, with the
@@ -201,6 +208,7 @@ def conv_view(u: Array, Abar: Array, Bbar: Array, C: Array, D: Array,
     return y, x
 
 
+@jax.jit
 def scan_view(u: Array, Abar: Array, Bbar: Array, C: Array, D: Array,
               s: Array | None = None) -> tuple[Array, Array]:
     """View 3: an associative scan over (Abar, Bbar u_k) pairs with the operator
@@ -224,6 +232,7 @@ def scan_view(u: Array, Abar: Array, Bbar: Array, C: Array, D: Array,
 
 # ----------------------------------------------------------------------------- chunked conv
 
+@functools.partial(jax.jit, static_argnames=("chunk",))
 def chunked_conv(u: Array, Abar: Array, Bbar: Array, C: Array, D: Array, s: Array | None = None,
                  mask: Array | None = None, reset: Array | None = None,
                  chunk: int = 64) -> tuple[Array, Array]:
