@@ -1,0 +1,82 @@
+"""Titans reductions in the exact form of titans.md §2.9 / §7.6 (linear memory, no residual or
+LayerNorm, ½-loss, chunk b = 1, no momentum), checked against the shared ops:
+
+* gated delta rule ONLY after the reparametrisation g = log(1 − α), β = θ / (1 − α),
+  v' = (1 − α) v, scale 1 — and the naive map (β = θ, v unchanged) differs;
+* α ≡ 0: DeltaNet with β = θ;
+* dot-product objective: linear attention with decay
+  y_t = A_t q_t W0 + Σ_{i≤t} (A_t / A_i) θ_i (q_t · k_i) v_i.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from layers.memory import dot_signal, l2_signal, linear_memory
+from pallas_kernels.gated_delta import gated_delta
+from pallas_kernels.neural_memory import MemoryRule, init_state, neural_memory
+
+B, T, H, D = 2, 12, 2, 5
+
+
+def _inputs(seed):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    n = lambda x: x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-6)
+    q = n(jax.random.normal(ks[0], (B, T, H, D), jnp.float64))
+    k = n(jax.random.normal(ks[1], (B, T, H, D), jnp.float64))
+    v = jax.random.normal(ks[2], (B, T, H, D), jnp.float64)
+    alpha = jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H), jnp.float64) - 1.0)
+    theta = 0.9 * jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H), jnp.float64))
+    W0 = {"w": 0.5 * jax.random.normal(ks[5], (H, D, D), jnp.float64)}
+    return q, k, v, alpha, theta, W0
+
+
+def _titans(q, k, v, alpha, theta, W0, signal, impl):
+    rule = MemoryRule(linear_memory, signal, chunk=1)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    y, st = neural_memory(rule, {}, W0, init_state(W0, B, D, D), q, k, v,
+                          log_ret=jnp.log1p(-alpha), lr=theta, log_mom=None, pos=pos,
+                          reset=jnp.zeros((B, T), bool), real=jnp.ones((B, T), bool), impl=impl)
+    return y, st.W["w"]
+
+
+def test_l2_linear_memory_is_gated_delta_after_reparametrisation():
+    with jax.enable_x64():
+        q, k, v, alpha, theta, W0 = _inputs(0)
+        S0 = jnp.broadcast_to(W0["w"], (B, H, D, D))
+        for impl in ("reference", "chunked"):
+            y, W = _titans(q, k, v, alpha, theta, W0, l2_signal, impl)
+            o, S = gated_delta(q, k, (1 - alpha)[..., None] * v, jnp.log1p(-alpha),
+                               theta / (1 - alpha), scale=1.0, initial_state=S0, impl="chunked",
+                               chunk=4)
+            np.testing.assert_allclose(y, o, rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(W, S, rtol=1e-10, atol=1e-10)
+            # the naive map a = 1 - α, β = θ, v unchanged is a different model
+            o_naive, _ = gated_delta(q, k, v, jnp.log1p(-alpha), theta, scale=1.0,
+                                     initial_state=S0, impl="reference")
+            assert float(jnp.max(jnp.abs(y - o_naive))) > 1e-2
+
+
+def test_no_forgetting_is_deltanet():
+    with jax.enable_x64():
+        q, k, v, alpha, theta, W0 = _inputs(1)
+        alpha = jnp.zeros_like(alpha)
+        S0 = jnp.broadcast_to(W0["w"], (B, H, D, D))
+        y, _ = _titans(q, k, v, alpha, theta, W0, l2_signal, "chunked")
+        o, _ = gated_delta(q, k, v, jnp.zeros_like(theta), theta, scale=1.0, initial_state=S0,
+                           impl="reference")
+        np.testing.assert_allclose(y, o, rtol=1e-10, atol=1e-10)
+
+
+def test_dot_objective_is_linear_attention_with_decay():
+    with jax.enable_x64():
+        q, k, v, alpha, theta, W0 = _inputs(2)
+        logA = jnp.cumsum(jnp.log1p(-alpha), axis=1)  # [B, T, H]
+        t, i = np.arange(T)[:, None], np.arange(T)[None, :]
+        decay = jnp.where(t >= i, jnp.exp(jnp.moveaxis(logA, 1, 2)[..., :, None]
+                                          - jnp.moveaxis(logA, 1, 2)[..., None, :]), 0.0)
+        scores = jnp.einsum("bthd,bihd->bhti", q, k) * decay * jnp.moveaxis(theta, 1, 2)[..., None, :]
+        want = (jnp.einsum("bhti,bihd->bthd", scores, v)
+                + jnp.exp(logA)[..., None] * jnp.einsum("bthd,hde->bthe", q, W0["w"]))
+        for impl in ("reference", "chunked"):
+            y, _ = _titans(q, k, v, alpha, theta, W0, dot_signal, impl)
+            np.testing.assert_allclose(y, want, rtol=1e-10, atol=1e-10)
