@@ -154,3 +154,139 @@ def build_titans_lmm(cfg: TitansConfig, rngs: nnx.Rngs) -> CausalLM:
     blocks = [Block(NeuralMemory(mcfg, rngs=rngs), _norm(cfg), _ffn(cfg, rngs), _norm(cfg))
               for _ in range(cfg.n_layers)]
     return _lm(cfg, blocks, rngs)
+
+
+# ----------------------------------------------------------------------------- persistent prefix
+
+
+class PrefixedMemory(nnx.Module):
+    """NeuralMemory whose input stream starts with N_p learned persistent tokens P (MAG, MAL).
+
+    `init_state(B)` is the state after writing P (memory, conv cache, position N_p), so the chunk
+    grid counts from the first persistent token; outputs at P are never produced.
+    """
+
+    def __init__(self, cfg: TitansConfig, *, rngs: nnx.Rngs):
+        self.memory = NeuralMemory(cfg.memory_config(), rngs=rngs)
+        self.persistent = param(normal(rngs.params(), (cfg.n_persistent, cfg.dim), cfg.init_std),
+                                (None, "embed"))
+
+    def init_state(self, batch_size: int, max_len: int | None = None) -> NeuralMemoryLayerState:
+        st = self.memory.init_state(batch_size)
+        if self.persistent.shape[0] == 0:
+            return st
+        P = jnp.broadcast_to(self.persistent[...], (batch_size,) + self.persistent.shape)
+        return self.memory(P, st)[1]
+
+    def __call__(self, x, state=None, *, mask=None, segment_ids=None, context=None,
+                 deterministic: bool = True, key=None):
+        if segment_ids is not None:
+            raise ValueError("Titans MAG/MAL cannot reset at packed document starts "
+                             "(registered resets=False)")
+        if state is None:
+            state = self.init_state(x.shape[0])
+        return self.memory(x, state, mask=mask)
+
+
+def _gate_combine(y, m, w_y, w_m, eps):
+    """RMSNorm_y(y) * sigmoid(RMSNorm_m(m)) (titans.md §8 item 8)."""
+    return rms_norm(y, w_y, eps) * jax.nn.sigmoid(rms_norm(m, w_m, eps))
+
+
+class MAGMixer(nnx.Module):
+    """Memory as a gate (titans.md §3.5): sliding-window attention with the persistent prefix P
+    (always visible, unrotated) in parallel with the memory on [P; x]."""
+
+    def __init__(self, cfg: TitansConfig, *, rngs: nnx.Rngs):
+        self.eps = cfg.norm_eps
+        A = cfg.n_attn_heads
+        self.attn = Attention(cfg.dim, A, A, cfg.dim // A, rngs=rngs, rope_base=cfg.rope_base,
+                              window=cfg.window, max_len=cfg.max_len, std=cfg.init_std,
+                              impl=cfg.attn_impl)
+        self.mem = PrefixedMemory(cfg, rngs=rngs)
+        self.norm_y = param(jnp.ones((cfg.dim,), jnp.float32), ("norm",))
+        self.norm_m = param(jnp.ones((cfg.dim,), jnp.float32), ("norm",))
+        self.wo = Dense(cfg.dim, cfg.dim, rngs=rngs, axes=("embed", "embed"), std=cfg.init_std)
+
+    def init_state(self, batch_size: int, max_len: int | None = None):
+        return {"attn": self.attn.init_state(batch_size, max_len),
+                "mem": self.mem.init_state(batch_size)}
+
+    def persistent_kv(self, batch_size: int):
+        P = self.mem.persistent[...]
+        at = self.attn
+        ek = at.wk(P).reshape(1, P.shape[0], at.n_kv_heads, at.head_dim)
+        ev = at.wv(P).reshape(1, P.shape[0], at.n_kv_heads, at.head_dim)
+        shape = (batch_size,) + ek.shape[1:]
+        return jnp.broadcast_to(ek, shape), jnp.broadcast_to(ev, shape), None
+
+    def __call__(self, x, state=None, *, mask=None, segment_ids=None, context=None,
+                 deterministic: bool = True, key=None):
+        if state is None:
+            state = self.init_state(x.shape[0])
+        m, mem_state, _ = self.mem(x, state["mem"], mask=mask, segment_ids=segment_ids)
+        y, attn_state, _ = self.attn(x, state["attn"], mask=mask,
+                                     extra_kv=self.persistent_kv(x.shape[0]))
+        o = _gate_combine(y, m, self.norm_y[...], self.norm_m[...], self.eps)
+        return self.wo(o), {"attn": attn_state, "mem": mem_state}, {}
+
+
+def _mag_mixer_count(cfg: TitansConfig) -> int:
+    D = cfg.dim
+    attn = 4 * D * D
+    return (attn + neural_memory_param_count(cfg.memory_config()) + cfg.n_persistent * D
+            + 2 * D + D * D)
+
+
+def mag_param_count(cfg: TitansConfig) -> int:
+    return _base_count(cfg) + cfg.n_layers * _block_count(cfg, _mag_mixer_count(cfg))
+
+
+_HYBRID = dict(_TINY, memory="linear", chunk=4, window=4, n_persistent=3, max_len=32)
+
+
+@register("titans_mag", config=TitansConfig, param_count=mag_param_count, resets=False,
+          conformance=ConformanceSpec(
+              config=TitansConfig(**{**_HYBRID, "n_layers": 1}),
+              length=13, cuts=(1, 5, 9, 12),
+              reference={"mem_impl": "reference", "attn_impl": "reference"},
+              fast=({"mem_impl": "chunked", "attn_impl": "chunked"},)))
+def build_titans_mag(cfg: TitansConfig, rngs: nnx.Rngs) -> CausalLM:
+    cfg.validate()
+    blocks = [Block(MAGMixer(cfg, rngs=rngs), _norm(cfg), _ffn(cfg, rngs), _norm(cfg))
+              for _ in range(cfg.n_layers)]
+    return _lm(cfg, blocks, rngs)
+
+
+# ----------------------------------------------------------------------------- MAL
+
+
+def mal_param_count(cfg: TitansConfig) -> int:
+    D = cfg.dim
+    mem = neural_memory_param_count(cfg.memory_config()) + cfg.n_persistent * D
+    attn = 4 * D * D
+    n_mem = (cfg.n_layers + 1) // 2
+    return (_base_count(cfg) + n_mem * _block_count(cfg, mem)
+            + (cfg.n_layers - n_mem) * _block_count(cfg, attn))
+
+
+@register("titans_mal", config=TitansConfig, param_count=mal_param_count, resets=False,
+          conformance=ConformanceSpec(
+              config=TitansConfig(**_HYBRID),
+              length=13, cuts=(1, 5, 9, 12),
+              reference={"mem_impl": "reference", "attn_impl": "reference"},
+              fast=({"mem_impl": "chunked", "attn_impl": "chunked"},)))
+def build_titans_mal(cfg: TitansConfig, rngs: nnx.Rngs) -> CausalLM:
+    """Even layers: memory on [P; x]; odd layers: sliding-window attention (Samba style)."""
+    cfg.validate()
+    A = cfg.n_attn_heads
+    blocks = []
+    for i in range(cfg.n_layers):
+        if i % 2 == 0:
+            mixer = PrefixedMemory(cfg, rngs=rngs)
+        else:
+            mixer = Attention(cfg.dim, A, A, cfg.dim // A, rngs=rngs, rope_base=cfg.rope_base,
+                              window=cfg.window, max_len=cfg.max_len, std=cfg.init_std,
+                              impl=cfg.attn_impl)
+        blocks.append(Block(mixer, _norm(cfg), _ffn(cfg, rngs), _norm(cfg)))
+    return _lm(cfg, blocks, rngs)
