@@ -2,7 +2,7 @@
 
   default  the built-in default of `python -m train`: 8 key-value pairs in 64 tokens,
            vocabulary 128 (keys 1..63, values 64..127), a 2-layer attention-only Transformer
-           (dim 64, 1 head, RoPE); trains to >= 95% held-out accuracy on a 2-core CPU.
+           (dim 128, 2 heads, RoPE); trains to >= 95% held-out accuracy on a 2-core CPU.
   tiny     a few steps of a smaller model (tests and smoke runs).
   zoology  Zoology Figure-2 cell (T=128, D=8, V=8192) with the `zoology_attention` preset (d=128).
 """

@@ -24,6 +24,7 @@ Public helpers for eval: `list_steps(run_dir)`, `load_config(run_dir)`,
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -64,12 +65,21 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict, cfg_json: dict, da
 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, target: dict, data_iter) -> dict:
-    """Restore "state" onto `target` (ShapeDtypeStructs with shardings) and the iterator in place."""
-    items = dict(state=ocp.args.StandardRestore(target))
+    """Restore "state" onto `target` (ShapeDtypeStructs with shardings) and the iterator in place.
+
+    The iterator state is read from this process's file `data/process_<i>-of-<n>.json`; when the
+    checkpoint was written by a different number of processes, from process 0's file (the data
+    package's iterator state is the number of global batches consumed, the same on every process,
+    so it restores onto any process count)."""
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     if data_iter is not None:
-        import grain
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    return mngr.restore(step, args=ocp.args.Composite(**items)).state
+        data_dir = os.path.join(str(mngr.directory), str(step), "data")
+        own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+        if not os.path.isfile(own):
+            own = sorted(glob.glob(os.path.join(data_dir, "process_0-of-*.json")))[0]
+        with open(own) as f:
+            data_iter.set_state(json.loads(f.read()))
+    return restored.state
 
 
 # ----------------------------------------------------------------------------- eval helpers

@@ -12,8 +12,9 @@ A config (ml_collections.ConfigDict) has six sections:
   eval        periodic held-out evaluation (see `eval_defaults`).
 
 `default_config()` is the built-in default run (`python -m train` with no --config): MQAR with
-8 key-value pairs in 64 tokens, vocabulary 128 (keys 1..63, values 64..127), a 2-layer attention
-model. `resolve(cfg)` checks every section and returns (resolved config, typed model config);
+8 key-value pairs in 64 tokens, vocabulary 128 (keys 1..63, values 64..127), a 2-layer
+attention-only Transformer (dim 128, 2 heads, RoPE), AdamW lr 2e-3 without weight decay, batch 64,
+at most 800 steps, stopping early once held-out accuracy reaches 99%. `resolve(cfg)` checks every section and returns (resolved config, typed model config);
 any unknown key or impossible value raises `ConfigError` with one line naming the key.
 """
 from __future__ import annotations
@@ -84,6 +85,7 @@ def checkpoint_defaults() -> ml_collections.ConfigDict:
 def eval_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.every = 100                  # held-out eval every N steps (0: only at the end)
+    c.early_stop_accuracy = 0.0    # stop (after saving) once val_accuracy >= this (0: off)
     c.batch_size = 256
     c.max_batches = 4              # 0: the whole validation split
     return c
@@ -138,14 +140,18 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def default_config() -> ml_collections.ConfigDict:
     """The built-in default: MQAR (8 key-value pairs in 64 tokens, vocabulary 128) with a
-    2-layer attention-only Transformer (dim 64, 4 heads, RoPE, no MLP)."""
-    model = model_section("transformer", dim=64, n_layers=2, n_heads=4, ffn="none", vocab_size=None,
+    2-layer attention-only Transformer (dim 128, 2 heads, RoPE, no MLP)."""
+    model = model_section("transformer", dim=128, n_layers=2, n_heads=2, ffn="none", vocab_size=None,
                           max_len=64)
     c = base_config(model)
     c.data.source = "mqar"
     c.data.seq_len = 64
     c.data.vocab_size = 128
     c.data.num_kv_pairs = 8
+    c.train.steps = 800
+    c.train.lr = 2e-3
+    c.train.weight_decay = 0.0
+    c.eval.early_stop_accuracy = 0.99
     return c
 
 
@@ -280,6 +286,8 @@ def resolve(cfg: ml_collections.ConfigDict, *, device_count: int | None = None):
     _need(e.every >= 0, f"eval.every={e.every} must be >= 0")
     _need(e.batch_size >= 1, f"eval.batch_size={e.batch_size} must be >= 1")
     _need(e.max_batches >= 0, f"eval.max_batches={e.max_batches} must be >= 0")
+    _need(0.0 <= e.early_stop_accuracy <= 1.0,
+          f"eval.early_stop_accuracy={e.early_stop_accuracy} must be in [0, 1]")
     return cfg, model_cfg
 
 

@@ -158,9 +158,9 @@ class Setup:
     flops_per_token: float
 
 
-def build_setup(cfg, model_cfg) -> Setup:
+def build_setup(cfg, model_cfg, devices=None) -> Setup:
     name = cfg.model.name
-    mesh = sh.make_mesh(tuple(cfg.mesh.shape))
+    mesh = sh.make_mesh(tuple(cfg.mesh.shape), devices)
     graphdef, state = ckpt.abstract_model(name, model_cfg, cfg.train.seed)
     abstract_params = state.to_pure_dict()
     p_sh = sh.param_shardings(state, mesh).to_pure_dict()
@@ -235,9 +235,9 @@ def to_global(batch: Mapping[str, np.ndarray], mesh, spec: P) -> dict:
 class Trainer:
     """One training run in a run directory (resumes from its latest complete checkpoint)."""
 
-    def __init__(self, cfg, model_cfg, *, verbose: bool = True):
+    def __init__(self, cfg, model_cfg, *, verbose: bool = True, devices=None):
         self.cfg = cfg
-        self.s = build_setup(cfg, model_cfg)
+        self.s = build_setup(cfg, model_cfg, devices)
         self.run_dir = os.path.abspath(cfg.checkpoint.dir)
         self.is_main = jax.process_index() == 0
         self.verbose = verbose and self.is_main
@@ -353,7 +353,7 @@ class Trainer:
         t_start = time.perf_counter()
         compile_s = 0.0
         last_t, last_step = None, start
-        pending = None  # (step, metrics) not yet fetched
+        last_eval = (None, None)
         progress = Progress(t.steps, enabled=self.verbose)
         for k in range(start, end):
             batch = to_global(next(it), s.mesh, s.batch_spec)
@@ -388,9 +388,17 @@ class Trainer:
                 last_t, last_step = now, done
             if cfg.eval.every and done % cfg.eval.every == 0 and done != end:
                 ev = self.evaluate(params)
+                last_eval = (done, ev)
                 writer.write({"step": done, "split": "val", **ev})
                 progress.message(f"eval @ step {done}: val_loss {ev['val_loss']:.4f}  "
                                  f"val_accuracy {ev['val_accuracy']:.4f}")
+                target = cfg.eval.early_stop_accuracy
+                if target and ev["val_accuracy"] >= target:
+                    progress.message(f"val_accuracy {ev['val_accuracy']:.4f} >= "
+                                     f"eval.early_stop_accuracy {target}: stopping")
+                    status = "early_stop"
+                    end = done
+                    break
             if done % cfg.checkpoint.every == 0 and done != end:
                 ckpt.save(mngr, done, {"params": params, "opt_state": opt_state, "step": step},
                           cfg_json, it)
@@ -404,8 +412,11 @@ class Trainer:
             ckpt.save(mngr, final, {"params": params, "opt_state": opt_state, "step": step},
                       cfg_json, it)
         mngr.wait_until_finished()
-        ev = self.evaluate(params)
-        writer.write({"step": final, "split": "val", **ev})
+        if last_eval[0] == final:
+            ev = last_eval[1]
+        else:
+            ev = self.evaluate(params)
+            writer.write({"step": final, "split": "val", **ev})
         if status == "preempted":
             self.log(f"SIGTERM: saved step {final} and stopped")
         self.log(f"final @ step {final}: val_loss {ev['val_loss']:.4f}  "
@@ -419,7 +430,8 @@ class Trainer:
                 "run_dir": self.run_dir}
 
 
-def train(cfg, *, verbose: bool = True) -> dict:
-    """Resolve `cfg` against the current devices and run it (JAX already set up)."""
-    cfg, model_cfg = config_lib.resolve(cfg, device_count=jax.device_count())
-    return Trainer(cfg, model_cfg, verbose=verbose).run()
+def train(cfg, *, verbose: bool = True, devices=None) -> dict:
+    """Resolve `cfg` against the devices (default: all) and run it (JAX already set up)."""
+    devices = list(jax.devices() if devices is None else devices)
+    cfg, model_cfg = config_lib.resolve(cfg, device_count=len(devices))
+    return Trainer(cfg, model_cfg, verbose=verbose, devices=devices).run()
