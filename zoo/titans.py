@@ -290,3 +290,180 @@ def build_titans_mal(cfg: TitansConfig, rngs: nnx.Rngs) -> CausalLM:
                               impl=cfg.attn_impl)
         blocks.append(Block(mixer, _norm(cfg), _ffn(cfg, rngs), _norm(cfg)))
     return _lm(cfg, blocks, rngs)
+
+
+# ----------------------------------------------------------------------------- MAC
+
+
+def _pieces(pos, starts, real, C: int, NP: int):
+    """Cut each row into pieces that lie inside one segment of C tokens (segments start at
+    positions 0, C, 2C, ... of each document): start index [B, NP], length [B, NP], count [B]."""
+    B, T = pos.shape
+    t = jnp.arange(T)[None, :]
+    new = real & ((t == 0) | starts | (pos % C == 0))
+    pidx = jnp.where(real, jnp.cumsum(new.astype(jnp.int32), axis=1) - 1, NP)
+    b = jnp.arange(B)[:, None]
+    start = jnp.full((B, NP), T, jnp.int32).at[b, pidx].min(jnp.broadcast_to(t, (B, T)),
+                                                             mode="drop")
+    length = jnp.zeros((B, NP), jnp.int32).at[b, pidx].add(1, mode="drop")
+    count = jnp.max(jnp.where(real, pidx + 1, 0), axis=1)
+    return jnp.minimum(start, T - 1), length, count
+
+
+class MACMixer(nnx.Module):
+    """Memory as context (titans.md §3.4 and its contract notes).
+
+    Per segment of C tokens with memory state W_start at the segment start:
+      h = W_h M_{W_start}(q(x))                                  (retrieval, no write)
+      y = Attn([P; h; x])[x positions]  query x_i sees P, h_j and x_j for j <= i (h_j has x_j's
+                                        RoPE position, P is unrotated and always visible)
+      m = NeuralMemory(y)               (write from y with chunk b | C, per-token read after write)
+      o = RMSNorm(y) * sigmoid(RMSNorm(m))
+    The call is a scan over segment pieces (a call may start or stop mid-segment); the KV cache
+    holds the current segment's h and x keys (2C slots) and is cleared at every segment start;
+    memory state and both conv caches (query path on x, memory paths on y) carry over.
+    """
+
+    def __init__(self, cfg: TitansConfig, *, rngs: nnx.Rngs):
+        self.C, self.eps, self.max_resets = cfg.segment, cfg.norm_eps, cfg.max_resets
+        D, A = cfg.dim, cfg.n_attn_heads
+        self.A, self.dh, self.rope_base, self.attn_impl = A, D // A, cfg.rope_base, cfg.attn_impl
+        std = cfg.init_std
+        self.mem = NeuralMemory(cfg.memory_config(), rngs=rngs)
+        self.w_h = Dense(cfg.n_heads * cfg.hd, D, rngs=rngs, axes=("heads", "embed"), std=std)
+        self.wq = Dense(D, D, rngs=rngs, axes=("embed", "heads"), std=std)
+        self.wk = Dense(D, D, rngs=rngs, axes=("embed", "heads"), std=std)
+        self.wv = Dense(D, D, rngs=rngs, axes=("embed", "heads"), std=std)
+        self.wo = Dense(D, D, rngs=rngs, axes=("heads", "embed"), std=std)
+        self.persistent = param(normal(rngs.params(), (cfg.n_persistent, D), std), (None, "embed"))
+        self.norm_y = param(jnp.ones((D,), jnp.float32), ("norm",))
+        self.norm_m = param(jnp.ones((D,), jnp.float32), ("norm",))
+
+    def init_state(self, batch_size: int, max_len: int | None = None):
+        B, S = batch_size, 2 * self.C
+        mem = self.mem.init_state(B)
+        return {"mem": mem, "conv_x": self.mem.conv.init_state(B), "w_start": mem.mem.W,
+                "k": jnp.zeros((B, S, self.A, self.dh), jnp.float32),
+                "v": jnp.zeros((B, S, self.A, self.dh), jnp.float32),
+                "kpos": jnp.zeros((B, S), jnp.int32), "kvalid": jnp.zeros((B, S), bool)}
+
+    def _retrieve(self, w_start, q):
+        rule, outer = self.mem.rule(), self.mem.outer()
+        per_tok = jax.vmap(lambda o, W, qq: memory_read(rule, o, W, qq), in_axes=(None, None, 0))
+        per_head = jax.vmap(per_tok, in_axes=(0, 0, 1), out_axes=1)
+        return jax.vmap(per_head, in_axes=(None, 0, 0))(outer, w_start, q)
+
+    def _segment_piece(self, st, x, mask, reset, pos0):
+        """One piece (all tokens in one segment, right padded): x [B, C, D], mask [B, C]."""
+        B, C, D = x.shape
+        fresh = self.init_state(B)
+        sel = lambda c, a, b: jax.tree.map(
+            lambda u, w: jnp.where(c.reshape((B,) + (1,) * (u.ndim - 1)), u, w), a, b)
+        live = mask.any(axis=1)
+        st0 = st
+        st = sel(reset & live, fresh, st)
+        seg_start = live & (pos0 % C == 0)
+        st = dict(st, w_start=sel(seg_start, st["mem"].mem.W, st["w_start"]),
+                  kvalid=st["kvalid"] & ~seg_start[:, None])
+        # 1. retrieval with the segment-start memory (query path on x, its own conv cache)
+        q_x, _, _, conv_x = self.mem.qkv(x, st["conv_x"], mask, None)
+        h = self.w_h(self._retrieve(st["w_start"], q_x).reshape(B, C, -1).astype(x.dtype))
+        # 2. attention over [P; cache; h; x] with the position-aligned causal mask
+        pos = pos0[:, None] + jnp.arange(C, dtype=jnp.int32)[None, :]
+        heads = lambda a: a.reshape(B, -1, self.A, self.dh)
+        rope = lambda a: apply_rope(heads(a), pos, base=self.rope_base)
+        q = rope(self.wq(x))
+        k_h, v_h, k_x, v_x = rope(self.wk(h)), heads(self.wv(h)), rope(self.wk(x)), heads(self.wv(x))
+        P = self.persistent[...]
+        Np = P.shape[0]
+        kv_p = lambda a: jnp.broadcast_to(a.reshape(1, Np, self.A, self.dh), (B, Np, self.A, self.dh))
+        k_p, v_p = kv_p(self.wk(P)), kv_p(self.wv(P))
+        ks = jnp.concatenate([k_p, st["k"].astype(x.dtype), k_h, k_x], axis=1)
+        vs = jnp.concatenate([v_p, st["v"].astype(x.dtype), v_h, v_x], axis=1)
+        zp = jnp.zeros((B, Np), jnp.int32)
+        kpos = jnp.concatenate([zp, st["kpos"], pos, pos], axis=1)
+        kval = jnp.concatenate([jnp.ones((B, Np), bool), st["kvalid"], mask, mask], axis=1)
+        kalw = jnp.concatenate([jnp.ones((B, Np), bool), jnp.zeros((B, 2 * C + 2 * C), bool)], 1)
+        grp = jnp.zeros((B, ks.shape[1]), jnp.int32)
+        o = attention_op(q, ks, vs, q_pos=pos, k_pos=kpos, q_group=jnp.zeros((B, C), jnp.int32),
+                         k_group=grp, k_valid=kval, k_always=kalw, causal=True,
+                         impl=self.attn_impl)
+        y = self.wo(o.reshape(B, C, D))
+        # 3-4. write the memory from y, per-token read after the write; gate
+        m, mem_state, _ = self.mem(y, st["mem"], mask=mask)
+        out = _gate_combine(y, m, self.norm_y[...], self.norm_m[...], self.eps)
+        # cache this piece's keys: h at slot 2*(pos mod C), x at slot 2*(pos mod C) + 1
+        slot = jnp.where(mask, 2 * (pos % C), 2 * C)
+        bi = jnp.arange(B)[:, None]
+        put = lambda arr, a, b_: arr.at[bi, slot].set(a, mode="drop").at[bi, slot + 1].set(
+            b_, mode="drop")
+        new = dict(st, mem=mem_state, conv_x=conv_x, k=put(st["k"], k_h, k_x),
+                   v=put(st["v"], v_h, v_x), kpos=put(st["kpos"], pos, pos),
+                   kvalid=put(st["kvalid"], mask, mask))
+        return sel(live, new, st0), out
+
+    def __call__(self, x, state=None, *, mask=None, segment_ids=None, context=None,
+                 deterministic: bool = True, key=None):
+        B, T, D = x.shape
+        C = self.C
+        if state is None:
+            state = self.init_state(B)
+        real = real_mask(mask, B, T)
+        starts = doc_starts(segment_ids, B, T) & real
+        pos, _, _ = token_positions(state["mem"].pos, starts, real)
+
+        def run(NP):
+            start, length, _ = _pieces(pos, starts, real, C, NP)
+            idx = jnp.minimum(start[:, :, None] + jnp.arange(C)[None, None, :], T - 1)  # [B,NP,C]
+            pmask = jnp.arange(C)[None, None, :] < length[:, :, None]
+            xp = jnp.take_along_axis(x[:, None], idx[..., None], axis=2)  # [B, NP, C, D]
+            b = jnp.arange(B)[:, None]
+            resets = starts[b, start] & (length > 0)
+            pos0 = pos[b, start]
+
+            def body(st, inp):
+                xx, mm, rr, pp = inp
+                return self._segment_piece(st, xx, mm, rr, pp)
+
+            mv = lambda a: jnp.moveaxis(a, 1, 0)
+            st, outs = jax.lax.scan(body, state, (mv(xp), mv(pmask), mv(resets), mv(pos0)))
+            outs = jnp.moveaxis(outs, 0, 1)  # [B, NP, C, D]
+            dest = jnp.where(pmask, idx, T).reshape(B, -1)
+            y = jnp.zeros((B, T, D), outs.dtype).at[b, dest].set(outs.reshape(B, -1, D),
+                                                                 mode="drop")
+            return y, st
+
+        NP = min(T, -(-(T + C - 1) // C))
+        if segment_ids is None:
+            y, st = run(NP)
+        else:
+            NPr = min(T, NP + self.max_resets)
+            _, _, count = _pieces(pos, starts, real, C, NPr)
+            if NPr == T:
+                y, st = run(T)
+            else:
+                y, st = jax.lax.cond(jnp.all(count <= NPr), lambda: run(NPr), lambda: run(T))
+        return y, st, {}
+
+
+def _mac_mixer_count(cfg: TitansConfig) -> int:
+    D = cfg.dim
+    return (neural_memory_param_count(cfg.memory_config()) + cfg.n_heads * cfg.hd * D
+            + 4 * D * D + cfg.n_persistent * D + 2 * D)
+
+
+def mac_param_count(cfg: TitansConfig) -> int:
+    return _base_count(cfg) + cfg.n_layers * _block_count(cfg, _mac_mixer_count(cfg))
+
+
+@register("titans_mac", config=TitansConfig, param_count=mac_param_count,
+          conformance=ConformanceSpec(
+              config=TitansConfig(**{**_HYBRID, "n_layers": 1, "segment": 8}),
+              length=13, cuts=(1, 4, 8, 12),
+              reference={"mem_impl": "reference", "attn_impl": "reference"},
+              fast=({"mem_impl": "chunked", "attn_impl": "chunked"},)))
+def build_titans_mac(cfg: TitansConfig, rngs: nnx.Rngs) -> CausalLM:
+    cfg.validate()
+    blocks = [Block(MACMixer(cfg, rngs=rngs), _norm(cfg), _ffn(cfg, rngs), _norm(cfg))
+              for _ in range(cfg.n_layers)]
+    return _lm(cfg, blocks, rngs)
