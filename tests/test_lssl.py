@@ -12,7 +12,7 @@ from flax import nnx
 import zoo
 from layers.lssl import (HIPPO, LSSLMixer, chunked_conv, conv_view, discretize, gbt, hippo_lagt,
                          hippo_legs, hippo_legt, krylov, recurrent_view, scan_view,
-                         ssm_kernel, structured_A, structured_init, zoh)
+                         lssl_ssm, ssm_kernel, structured_A, structured_init, zoh)
 from zoo.lssl import LSSLConfig, classifier_loss
 
 STRUCT = ("p", "q", "dg", "t_diag", "t_sub", "t_sup")
@@ -220,7 +220,7 @@ def test_trainable_transition_and_dt():
         m = LSSLMixer(4, rngs=nnx.Rngs(params=0), d_state=5, channels=2, learn_A=learn,
                       learn_dt=learn)
         g, p = nnx.split(m)
-        return jax.grad(lambda p: jnp.sum(nnx.merge(g, p)(u)[0] ** 2))(p)
+        return jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(g, p)(u)[0] ** 2)))(p)
 
     full, fixed = grads(True), grads(False)
     for name in STRUCT + ("b", "log_dt"):
@@ -241,13 +241,16 @@ def test_init_and_dt_independent_of_call_length():
     dt = np.exp(np.asarray(m.log_dt[...]))
     assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 1e-1 * (1 + 1e-5)
     u = jax.random.normal(jax.random.key(1), (1, 30, 6))
-    y_long = m(u)[0]
-    y_short = m(u[:, :10])[0]
+    run = jax.jit(lambda p, u: lssl_ssm(p, u, jnp.zeros((1, 6, 7)), jnp.ones(u.shape[:2], bool),
+                                        jnp.zeros(u.shape[:2], bool), rate=2.0)[0])
+    p = m.arrays()
+    y_long = run(p, u)
+    y_short = run(p, u[:, :10])
     np.testing.assert_allclose(y_short, y_long[:, :10], atol=1e-6, rtol=0)
-    m2 = LSSLMixer(6, rngs=nnx.Rngs(params=0), d_state=7, dt_min=1e-3, dt_max=1e-1, rate=2.0)
-    m3 = LSSLMixer(6, rngs=nnx.Rngs(params=0), d_state=7, dt_min=1e-3, dt_max=1e-1)
-    m3.log_dt[...] = m3.log_dt[...] + np.log(2.0)
-    np.testing.assert_allclose(m2(u)[0], m3(u)[0], atol=1e-5, rtol=1e-5)
+    p3 = {**p, "log_dt": p["log_dt"] + np.log(2.0)}
+    ref = jax.jit(lambda p, u: lssl_ssm(p, u, jnp.zeros((1, 6, 7)), jnp.ones(u.shape[:2], bool),
+                                        jnp.zeros(u.shape[:2], bool), rate=1.0)[0])
+    np.testing.assert_allclose(y_long, ref(p3, u), atol=1e-5, rtol=1e-5)
 
 
 def test_param_count_small_model():
@@ -263,16 +266,21 @@ def test_param_count_small_model():
 def test_classifier_pools_real_positions_and_trains():
     """The pooled head averages the real (mask) positions only: right padding never changes
     the logits; the pure classification loss has finite gradients; float features work."""
-    cfg = dataclasses.replace(zoo.get("lssl_classifier").conformance.config, n_classes=3)
+    cfg = dataclasses.replace(zoo.get("lssl_classifier").conformance.config, n_classes=3,
+                              n_layers=1)
     model = zoo.build("lssl_classifier", cfg, rngs=0)
-    x = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
-    padded = jnp.concatenate([x, jnp.zeros((2, 4), jnp.int32)], axis=1)
-    mask = jnp.arange(13)[None] < 9
-    np.testing.assert_allclose(model(padded, mask=jnp.broadcast_to(mask, (2, 13)))[0],
-                               model(x)[0], atol=1e-5, rtol=1e-5)
     g, p = nnx.split(model)
-    grads = jax.grad(lambda p: classifier_loss(g, p, {"inputs": x, "labels": jnp.array([0, 2])})[0])(p)
+    fwd = jax.jit(lambda p, x, m: nnx.merge(g, p)(x, mask=m)[0])
+    x = jax.random.randint(jax.random.key(0), (2, 13), 0, cfg.vocab_size)
+    mask = jnp.broadcast_to(jnp.arange(13)[None] < 9, (2, 13))
+    garbage = jnp.where(mask, x, (x * 7 + 3) % cfg.vocab_size)
+    np.testing.assert_allclose(fwd(p, garbage, mask), fwd(p, x, mask), atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(fwd(p, x, mask), jax.jit(lambda p, x: nnx.merge(g, p)(x)[0])(p, x[:, :9]),
+                               atol=1e-5, rtol=1e-5)
+    batch = {"inputs": x, "labels": jnp.array([0, 2]), "mask": mask}
+    grads = jax.jit(jax.grad(lambda p: classifier_loss(g, p, batch)[0]))(p)
     assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(grads))
+    assert float(jnp.abs(grads["decoder"]["weight"][...]).sum()) > 0
     feat = zoo.build("lssl_classifier", dataclasses.replace(cfg, d_input=3), rngs=0)
     out = feat(jax.random.normal(jax.random.key(1), (2, 9, 3)))[0]
     assert out.shape == (2, 3) and np.all(np.isfinite(np.asarray(out)))
