@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from train import checkpoint as ckpt
 from train import config as C
 from train import trainer as T
 from train_helpers import REPO
@@ -65,9 +67,8 @@ def test_config_builds_and_eval_shapes_one_step(path, variant, tmp_path):
     cfg.checkpoint.dir = str(tmp_path / "run")
     resolved, model_cfg = C.resolve(cfg)
     new_params, metrics = T.eval_shape_step(cfg)
-    _, state = __import__("train.checkpoint", fromlist=["abstract_model"]).abstract_model(
-        resolved.model.name, model_cfg)
-    want = jax.tree.map(lambda s: (s.shape, s.dtype), state.to_pure_dict())
+    _, state = ckpt.abstract_model(resolved.model.name, model_cfg)
+    want = jax.tree.map(lambda s: (s.shape, s.dtype), nnx.to_pure_dict(state))
     got = jax.tree.map(lambda s: (s.shape, s.dtype), new_params)
     assert got == want
     assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32

@@ -47,7 +47,7 @@ def _train_cfg(**kw):
 def test_grad_accumulation_equals_big_batch(accum):
     model = _model()
     graphdef, state = nnx.split(model)
-    params = state.to_pure_dict()
+    params = nnx.to_pure_dict(state)
     opt = optim.make_optimizer(_train_cfg())
     batch = _batch()
     big = jax.jit(T.make_train_step(graphdef, opt, grad_accum=1))
@@ -72,7 +72,7 @@ def test_aux_terms_weighted_by_name():
     # a model whose aux statistics yield a named term that depends on the parameters
     model._aux_terms = lambda aux: {"scale": 0.0 * aux.get("x", 0.0) + 2.0}
     graphdef2, _ = nnx.split(model)
-    params = state.to_pure_dict()
+    params = nnx.to_pure_dict(state)
     opt = optim.make_optimizer(_train_cfg())
     batch = _batch()
     base = T.make_train_step(graphdef2, opt)(params, opt.init(params), jnp.int32(0), batch)[3]
@@ -112,7 +112,7 @@ def test_clipping_and_weight_decay_mask():
 
 def test_bf16_compute_and_remat_match_float32():
     graphdef, state = nnx.split(_model())
-    params = state.to_pure_dict()
+    params = nnx.to_pure_dict(state)
     batch = _batch()
     ref = jax.jit(lambda p: lm.loss(graphdef, p, batch)[0])(params)
     gd_remat, _ = nnx.split(_model(remat="full"))
@@ -138,7 +138,7 @@ def test_flops_per_token_matches_xla_on_unscanned_model():
     T_ = 64
     model = _model(dim=64, n_heads=4, ffn_dim=128, max_len=T_, attn_impl="reference")
     graphdef, state = nnx.split(model)
-    params = state.to_pure_dict()
+    params = nnx.to_pure_dict(state)
     B = 4
     batch = _batch(B, T_)
     f = jax.jit(jax.grad(lambda p: lm.loss(graphdef, p, batch)[0]))

@@ -1,7 +1,7 @@
 """`python -m train [--config=configs/<file>.py[:variant]] [--config.<section>.<key>=value ...]`
 
 With no --config the built-in default runs (train.config.default_config(): MQAR, 8 key-value
-pairs in 64 tokens, vocabulary 128, a 2-layer attention model). A bad config (unknown key,
+pairs in 64 tokens, vocabulary 128, a 2-layer attention-only Transformer, dim 128). A bad config (unknown key,
 impossible value, missing file) prints one line and exits with status 2 before anything compiles.
 """
 from __future__ import annotations

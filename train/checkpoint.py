@@ -16,7 +16,7 @@ A run directory holds:
                            "val_loss", "val_accuracy", ...}).
   run_dir/tb/              tensorboardX event files.
 
-Parameters are stored as the *pure dict* of the model's nnx state (`state.to_pure_dict()`;
+Parameters are stored as the *pure dict* of the model's nnx state (`nnx.to_pure_dict(state)`;
 `nnx.merge(graphdef, pure_dict)` rebuilds the model), float32.
 
 Public helpers for eval: `list_steps(run_dir)`, `load_config(run_dir)`,
@@ -158,10 +158,10 @@ def restore_params(run_dir: str, step: int | None = None, mesh=None):
     graphdef, state = abstract_model(name, model_cfg)
     if mesh is None:
         mesh = sharding_lib.make_mesh((1, 1, -1))
-        shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), state.to_pure_dict())
+        shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), nnx.to_pure_dict(state))
     else:
-        shardings = sharding_lib.param_shardings(state, mesh).to_pure_dict()
-    abstract = state.to_pure_dict()
+        shardings = nnx.to_pure_dict(sharding_lib.param_shardings(state, mesh))
+    abstract = nnx.to_pure_dict(state)
     step_dir = os.path.join(checkpoint_dir(run_dir), str(step))
     saved = _saved_param_shapes(step_dir)
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:

@@ -57,7 +57,6 @@ def train_defaults() -> ml_collections.ConfigDict:
     c.compilation_cache_dir = "~/.cache/seqzoo/jax"   # "" turns the persistent cache off
     c.stop_at_step = 0             # stop (after saving) at this step; 0: run to `steps`
     c.mfu_probe = True             # on CPU, measure the peak with a short matmul probe
-    c.prefetch = 2                 # host batches prepared ahead of the device
     return c
 
 

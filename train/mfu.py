@@ -80,7 +80,7 @@ def _embedding_only_params(model) -> int:
     from layers.embed import Embed, LearnedPositions
     n = 0
     head_tied = getattr(model, "head", 1) is None
-    for _, m in model.iter_modules():
+    for _, m in nnx.iter_modules(model):
         if isinstance(m, LearnedPositions):
             n += sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
         elif isinstance(m, Embed) and not head_tied:
@@ -91,7 +91,7 @@ def _embedding_only_params(model) -> int:
 def attention_layers(model) -> list[tuple[int, int, int | None]]:
     """(heads, head_dim, window) of every attention layer in the model."""
     from layers.attention import Attention
-    return [(m.n_heads, m.head_dim, m.window) for _, m in model.iter_modules()
+    return [(m.n_heads, m.head_dim, m.window) for _, m in nnx.iter_modules(model)
             if isinstance(m, Attention)]
 
 

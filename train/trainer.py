@@ -50,7 +50,7 @@ def make_train_step(graphdef, opt: optax.GradientTransformation, *,
     """step(params, opt_state, step, batch) -> (params, opt_state, step + 1, metrics).
 
     metrics: loss (objective), ce (mean cross-entropy over loss_mask), ce_sum, n_tokens,
-    aux/<name> (mean over micro-batches), grad_norm, lr-free (the schedule lives in optax).
+    aux/<name> (mean over micro-batches), grad_norm.
     """
     aux_weights = dict(aux_weights or {})
 
@@ -112,7 +112,7 @@ def make_train_step(graphdef, opt: optax.GradientTransformation, *,
         metrics = dict(m)
         metrics["loss"] = obj
         metrics["ce"] = m["ce_sum"] / n_total
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return params, opt_state, step + 1, metrics
 
     return step_fn
@@ -162,8 +162,8 @@ def build_setup(cfg, model_cfg, devices=None) -> Setup:
     name = cfg.model.name
     mesh = sh.make_mesh(tuple(cfg.mesh.shape), devices)
     graphdef, state = ckpt.abstract_model(name, model_cfg, cfg.train.seed)
-    abstract_params = state.to_pure_dict()
-    p_sh = sh.param_shardings(state, mesh).to_pure_dict()
+    abstract_params = nnx.to_pure_dict(state)
+    p_sh = nnx.to_pure_dict(sh.param_shardings(state, mesh))
     opt = optim.make_optimizer(cfg.train)
     abstract_opt = jax.eval_shape(opt.init, abstract_params)
     o_sh = optim.opt_state_shardings(opt, abstract_opt, p_sh, mesh)
@@ -197,7 +197,7 @@ def eval_shape_step(cfg):
     cfg, model_cfg = config_lib.resolve(cfg)
     name = cfg.model.name
     graphdef, state = ckpt.abstract_model(name, model_cfg, cfg.train.seed)
-    params = state.to_pure_dict()
+    params = nnx.to_pure_dict(state)
     opt = optim.make_optimizer(cfg.train)
     opt_state = jax.eval_shape(opt.init, params)
     t = cfg.train
@@ -213,7 +213,7 @@ def init_params(s: Setup) -> dict:
     name, mcfg, seed = s.model_name, s.model_cfg, s.cfg.train.seed
 
     def init():
-        return nnx.split(zoo.build(name, mcfg, nnx.Rngs(params=seed)))[1].to_pure_dict()
+        return nnx.to_pure_dict(nnx.split(zoo.build(name, mcfg, nnx.Rngs(params=seed)))[1])
     return jax.jit(init, out_shardings=s.param_shardings)()
 
 
