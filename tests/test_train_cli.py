@@ -48,3 +48,17 @@ def test_resolve_fills_vocab_and_mesh():
     assert tuple(cfg.mesh.shape) == (8, 1, 1)
     cfg2, _ = C.resolve(tiny_cfg("/tmp/unused", **{"mesh.shape": (2, -1, 2)}), device_count=8)
     assert tuple(cfg2.mesh.shape) == (2, 2, 2)
+
+
+def test_early_stop_on_accuracy(tmp_path):
+    from train import trainer as T
+    from train.metrics import read_jsonl
+    cfg = tiny_cfg(tmp_path / "run", **{"train.steps": 50, "eval.every": 2,
+                                       "eval.early_stop_accuracy": 1e-6})
+    out = T.train(cfg, verbose=False)
+    val = [r for r in read_jsonl(str(tmp_path / "run" / "metrics.jsonl")) if r.get("split") == "val"]
+    # evaluations every 2 steps until the first one that reaches the target, then stop there
+    assert out["status"] == "early_stop" and out["step"] < 50
+    assert [r["step"] for r in val] == list(range(2, out["step"] + 1, 2))
+    assert all(r["val_accuracy"] < 1e-6 for r in val[:-1]) and val[-1]["val_accuracy"] >= 1e-6
+    assert out["eval"]["val_accuracy"] == val[-1]["val_accuracy"]

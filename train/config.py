@@ -52,7 +52,7 @@ def train_defaults() -> ml_collections.ConfigDict:
     c.clip_norm = 1.0              # global-norm clipping (0: off)
     c.seed = 0                     # parameter init and dropout keys
     c.aux_weights = ml_collections.ConfigDict()   # name -> weight of model.aux_terms(aux)[name]
-    c.dropout = False              # pass dropout keys to the model (its rates are model fields)
+    c.dropout = True               # pass dropout keys (per step) to the model; its rates are model fields
     c.log_every = 20
     c.compilation_cache_dir = "~/.cache/seqzoo/jax"   # "" turns the persistent cache off
     c.stop_at_step = 0             # stop (after saving) at this step; 0: run to `steps`

@@ -64,10 +64,11 @@ class Progress:
         self.tty = getattr(self.stream, "isatty", lambda: False)()
         self.t0 = time.perf_counter()
 
-    def line(self, step: int, loss: float, tokens_per_s: float, mfu: float | None,
+    def line(self, step: int, loss: float, tokens_per_s: float | None, mfu: float | None,
              eta_s: float) -> str:
         mfu_s = "  n/a" if mfu is None else f"{100 * mfu:5.1f}%"
-        return (f"step {step:>6d}/{self.total}  loss {loss:8.4f}  {tokens_per_s:10,.0f} tok/s  "
+        tps_s = "       n/a" if tokens_per_s is None else f"{tokens_per_s:10,.0f}"
+        return (f"step {step:>6d}/{self.total}  loss {loss:8.4f}  {tps_s} tok/s  "
                 f"MFU {mfu_s}  ETA {fmt_time(eta_s)}")
 
     def update(self, *args) -> None:

@@ -372,8 +372,9 @@ class Trainer:
                 m = jax.device_get(metrics)
                 now = time.perf_counter()
                 dt = now - last_t
-                tps = (done - last_step) * tokens_per_step / dt if done > last_step else float("nan")
-                mfu = (s.flops_per_token * tps / peak) if peak and done > last_step else None
+                # the first step (compile + run) is not timed: tokens/s and MFU start at the next
+                tps = (done - last_step) * tokens_per_step / dt if done > last_step else None
+                mfu = (s.flops_per_token * tps / peak) if peak and tps else None
                 steps_s = (done - last_step) / dt if done > last_step else 0.0
                 eta = (t.steps - done) / steps_s if steps_s else 0.0
                 rec = {"step": done, "loss": float(m["loss"]), "ce": float(m["ce"]),
