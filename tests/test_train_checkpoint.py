@@ -24,7 +24,9 @@ from train_helpers import REPO, TINY_FLAGS, tiny_cfg
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("ckpt")
-    full = T.train(tiny_cfg(base / "full"), verbose=False)
+    # the uninterrupted run saves every step and keeps the last 2
+    full = T.train(tiny_cfg(base / "full", **{"checkpoint.every": 1, "checkpoint.keep": 2}),
+                   verbose=False)
     first = T.train(tiny_cfg(base / "split", **{"train.stop_at_step": 3}), verbose=False)
     second = T.train(tiny_cfg(base / "split"), verbose=False)
     return base, full, first, second
@@ -49,7 +51,7 @@ def test_run_dir_contract(runs):
     cfg = json.loads((run / "config.json").read_text())
     assert set(cfg) == {"model", "data", "train", "mesh", "checkpoint", "eval"}
     assert cfg["model"]["vocab_size"] == 64 and cfg["mesh"]["shape"] == [8, 1, 1]
-    assert ckpt.list_steps(str(run)) == [3, 6]
+    assert ckpt.list_steps(str(run)) == [5, 6]          # keep the last 2
     step_dir = run / "checkpoints" / "6"
     assert {"state", "config", "data"} <= set(os.listdir(step_dir))
     assert json.loads((step_dir / "data" / "process_0-of-1.json").read_text()) == {"next_index": 6} \
@@ -74,7 +76,7 @@ def test_restore_params_equals_trained(runs):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # earlier step, and sharded onto a mesh by the rules
     from train.sharding import make_mesh
-    _, _, _, p3 = ckpt.restore_params(str(base / "full"), step=3, mesh=make_mesh((1, 1, 8)))
+    _, _, _, p3 = ckpt.restore_params(str(base / "full"), step=5, mesh=make_mesh((1, 1, 8)))
     emb = p3["embed"]["embedding"]
     assert emb.addressable_shards[0].data.shape == (8, 32)    # vocab 64 over tensor=8
     model = nnx.merge(graphdef, params)
