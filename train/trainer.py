@@ -393,6 +393,7 @@ class Trainer:
                 writer.write({"step": done, "split": "val", **ev})
                 progress.message(f"eval @ step {done}: val_loss {ev['val_loss']:.4f}  "
                                  f"val_accuracy {ev['val_accuracy']:.4f}")
+                last_t, last_step = time.perf_counter(), done   # tokens/s excludes evals
                 target = cfg.eval.early_stop_accuracy
                 if target and ev["val_accuracy"] >= target:
                     progress.message(f"val_accuracy {ev['val_accuracy']:.4f} >= "
@@ -403,6 +404,7 @@ class Trainer:
             if done % cfg.checkpoint.every == 0 and done != end:
                 ckpt.save(mngr, done, {"params": params, "opt_state": opt_state, "step": step},
                           cfg_json, it)
+                last_t, last_step = time.perf_counter(), done
             if self._stop_requested():
                 status = "preempted"
                 end = done
