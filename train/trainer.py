@@ -359,11 +359,12 @@ class Trainer:
             batch = to_global(next(it), s.mesh, s.batch_spec)
             if k == start:
                 tc = time.perf_counter()
-                compiled = self.step_fn.lower(params, opt_state, step, batch).compile()
+                # compile ahead of time (an unknown aux weight name fails here, while tracing)
+                step_fn = self.step_fn.lower(params, opt_state, step, batch).compile()
                 compile_s = time.perf_counter() - tc
                 self.log(f"compiled the train step in {compile_s:.1f} s; "
                          f"{s.flops_per_token / 1e6:.2f} MFLOP/token (analytic)")
-            params, opt_state, step, metrics = self.step_fn(params, opt_state, step, batch)
+            params, opt_state, step, metrics = step_fn(params, opt_state, step, batch)
             done = k + 1
             if last_t is None:
                 jax.block_until_ready(metrics)
