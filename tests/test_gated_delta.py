@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.gated_delta import gated_delta
+from pallas_kernels.gated_delta import gated_delta as _gd
+
+gated_delta = jax.jit(_gd, static_argnames=("scale", "impl", "chunk"))
 
 
 def _inputs(key, B, T, H, dk, dv, dtype=jnp.float32, init=True):

@@ -19,8 +19,10 @@ from flax import nnx
 
 from layers.memory import (NeuralMemory, NeuralMemoryConfig, _MLPMemory, l2_signal,
                            linear_memory)
-from pallas_kernels.neural_memory import MemoryRule, init_state, neural_memory
+from pallas_kernels.neural_memory import MemoryRule, init_state
+from pallas_kernels.neural_memory import neural_memory as _nm
 
+neural_memory = jax.jit(_nm, static_argnums=(0,), static_argnames=("impl", "max_resets"))
 B, T, H, D = 2, 11, 2, 4
 
 
@@ -121,18 +123,23 @@ def test_chunk_one_is_the_plain_token_rule():
         del inp["gamma"]  # no window gates: the plain rule
         rule = MemoryRule(fn, l2_signal, chunk=1)
         y_c, _ = _run(rule, outer, W0, init_state(W0, B, D, D), inp, "chunked")
+
+        @jax.jit
+        def step(o, W, S, kk, vv, eta, theta, lret, q):
+            u = jax.grad(lambda w: 0.5 * jnp.sum((fn(o, w, kk) - vv) ** 2))(W)
+            S = jax.tree.map(lambda s, g: eta * s - theta * g, S, u)
+            W = jax.tree.map(lambda w, s: jnp.exp(lret) * w + s, W, S)
+            return W, S, fn(o, W, q)
+
         for bi, h in ((0, 0), (1, 1)):
             o = jax.tree.map(lambda a: a[h], outer)
             W = jax.tree.map(lambda a: a[h], W0)
             S = jax.tree.map(jnp.zeros_like, W)
             for t in range(T):
-                kk, vv = inp["k"][bi, t, h], inp["v"][bi, t, h]
-                u = jax.grad(lambda w: 0.5 * jnp.sum((fn(o, w, kk) - vv) ** 2))(W)
-                eta, theta = jnp.exp(inp["log_mom"][bi, t, h]), inp["lr"][bi, t, h]
-                S = jax.tree.map(lambda s, g: eta * s - theta * g, S, u)
-                W = jax.tree.map(lambda w, s: jnp.exp(inp["log_ret"][bi, t, h]) * w + s, W, S)
-                np.testing.assert_allclose(y_c[bi, t, h], fn(o, W, inp["q"][bi, t, h]),
-                                           rtol=1e-10, atol=1e-10)
+                W, S, yt = step(o, W, S, inp["k"][bi, t, h], inp["v"][bi, t, h],
+                                jnp.exp(inp["log_mom"][bi, t, h]), inp["lr"][bi, t, h],
+                                inp["log_ret"][bi, t, h], inp["q"][bi, t, h])
+                np.testing.assert_allclose(y_c[bi, t, h], yt, rtol=1e-10, atol=1e-10)
 
 
 def test_chunked_gradients_equal_reference():

@@ -12,8 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from layers.memory import dot_signal, l2_signal, linear_memory
-from pallas_kernels.gated_delta import gated_delta
-from pallas_kernels.neural_memory import MemoryRule, init_state, neural_memory
+from pallas_kernels.gated_delta import gated_delta as _gd
+from pallas_kernels.neural_memory import MemoryRule, init_state
+from pallas_kernels.neural_memory import neural_memory as _nm
+
+neural_memory = jax.jit(_nm, static_argnums=(0,), static_argnames=("impl", "max_resets"))
+gated_delta = jax.jit(_gd, static_argnames=("scale", "impl", "chunk"))
 
 B, T, H, D = 2, 12, 2, 5
 
