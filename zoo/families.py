@@ -4,3 +4,4 @@ import zoo.mamba  # noqa: F401
 import zoo.lssl  # noqa: F401
 import zoo.titans  # noqa: F401
 import zoo.atlas  # noqa: F401
+import zoo.miras  # noqa: F401
