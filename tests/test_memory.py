@@ -12,6 +12,7 @@
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -232,3 +233,25 @@ def test_layer_forms_agree_with_resets_and_padding():
     for a, z in zip(jax.tree.leaves(s_c), jax.tree.leaves(s_r)):
         np.testing.assert_allclose(a, z, rtol=1e-5, atol=1e-6)
     assert float(jnp.max(jnp.abs(y_c))) > 1e-3
+
+
+def test_chunked_loop_runs_over_chunks_not_tokens():
+    """The only sequential loop of the chunked form is a scan over ceil((T + b - 1) / b) chunks
+    (deep memory, b = 4, T = 11: 4 steps), never over the T tokens."""
+    inp, W0, outer, fn = _setup("mlp", dtype=jnp.float32)
+    rule = MemoryRule(fn, l2_signal, chunk=4)
+    jaxpr = jax.make_jaxpr(lambda o, w, i: _nm(rule, o, w, init_state(W0, B, D, D), i["q"],
+                                                 i["k"], i["v"], log_ret=i["log_ret"],
+                                                 lr=i["lr"], impl="chunked", **_flags()))(
+        outer, W0, inp)
+    lengths = []
+
+    def walk(jp):
+        for eqn in jp.eqns:
+            if eqn.primitive.name == "scan":
+                lengths.append(eqn.params["length"])
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    assert lengths == [4]
