@@ -55,7 +55,21 @@ def _load(arg: str):
     return mod.get_config(variant) if variant else mod.get_config()
 
 
+def _normalise(argv):
+    """`--config path` -> `--config=path` (absl accepts both; the checks below read one form)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            out.append(f"--config={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def parse_flags(argv):
+    argv = _normalise(argv)
     cfg_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if cfg_arg is not None:
         path = cfg_arg.partition(":")[0]
