@@ -70,3 +70,20 @@ def test_converted_config():
     assert (mx.n_heads, mx.head_dim, mx.n_groups, mx.d_state) == (4, 16, 2, 8)
     assert m.head is None                      # tied
     assert zoo.hf.load(str(FIX / "mamba2")).head is not None
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2_groups"])
+def test_export_roundtrip(name, tmp_path):
+    """save_hf writes the same tensors and a config that loads back to the same logits."""
+    from zoo.mamba import save_hf
+    model = zoo.hf.load(str(FIX / name))
+    save_hf(model, str(tmp_path))
+    orig = zoo.hf.read_safetensors(str(FIX / name / "model.safetensors"))
+    back = zoo.hf.read_safetensors(str(tmp_path / "model.safetensors"))
+    assert sorted(orig) == sorted(back)
+    for k in orig:
+        np.testing.assert_array_equal(orig[k], back[k], err_msg=k)
+    exp = np.load(FIX / name / "expected.npz")
+    again = zoo.hf.load(str(tmp_path))
+    np.testing.assert_allclose(np.asarray(again(exp["tokens"])[0]), exp["logits"], atol=ATOL,
+                               rtol=RTOL)

@@ -298,3 +298,60 @@ def from_hf_mamba2(hf: dict, tensors: dict[str, np.ndarray]) -> CausalLM:
         src.take("lm_head.weight", tuple(model.embed.embedding[...].shape))
     src.check_all_used()
     return model
+
+
+def save_hf(model: CausalLM, path: str) -> None:
+    """Export a seqzoo `mamba` / `mamba2` LM as a Hugging Face checkpoint directory
+    (`config.json` + `model.safetensors`, the layout `from_hf_mamba*` reads back)."""
+    import json
+    import os
+    from layers.ssm import Mamba2Mixer as _M2
+    mx0 = model.blocks[0].mixer
+    V, D = model.embed.embedding[...].shape
+    eps = float(model.final_norm.eps)
+    t: dict[str, np.ndarray] = {"backbone.embeddings.weight": np.asarray(model.embed.embedding[...]),
+                                "backbone.norm_f.weight": np.asarray(model.final_norm.weight[...])}
+    if model.head is not None:
+        t["lm_head.weight"] = np.asarray(model.head.weight[...]).T
+    for i, blk in enumerate(model.blocks):
+        p, mx = f"backbone.layers.{i}.", blk.mixer
+        t[p + "norm.weight"] = np.asarray(blk.norm1.weight[...])
+        t[p + "mixer.in_proj.weight"] = np.asarray(mx.in_proj.weight[...]).T
+        t[p + "mixer.out_proj.weight"] = np.asarray(mx.out_proj.weight[...]).T
+        t[p + "mixer.conv1d.weight"] = np.asarray(mx.conv.weight[...])[:, None, :]
+        if mx.conv.bias is not None:
+            t[p + "mixer.conv1d.bias"] = np.asarray(mx.conv.bias[...])
+        t[p + "mixer.A_log"] = np.asarray(mx.A_log[...])
+        t[p + "mixer.D"] = np.asarray(mx.D[...])
+        if isinstance(mx, _M2):
+            t[p + "mixer.dt_bias"] = np.asarray(mx.dt_bias[...])
+            t[p + "mixer.norm.weight"] = np.asarray(mx.norm.weight[...])
+        else:
+            t[p + "mixer.x_proj.weight"] = np.asarray(mx.x_proj.weight[...]).T
+            t[p + "mixer.dt_proj.weight"] = np.asarray(mx.dt_w[...]).T
+            t[p + "mixer.dt_proj.bias"] = np.asarray(mx.dt_b[...])
+    common = dict(vocab_size=int(V), hidden_size=int(D), num_hidden_layers=len(model.blocks),
+                  state_size=int(mx0.d_state), conv_kernel=int(mx0.d_conv),
+                  layer_norm_epsilon=eps, use_bias=False, use_conv_bias=mx0.conv.bias is not None,
+                  hidden_act="silu", residual_in_fp32=True,
+                  tie_word_embeddings=model.head is None)
+    if isinstance(mx0, _M2):
+        lo, hi = mx0.dt_limit
+        cfg = dict(architectures=["Mamba2ForCausalLM"], model_type="mamba2",
+                   num_heads=int(mx0.n_heads), head_dim=int(mx0.head_dim),
+                   expand=int(mx0.d_inner // D), n_groups=int(mx0.n_groups),
+                   chunk_size=int(mx0.chunk),
+                   time_step_limit=[float(lo), hi if math.isfinite(hi) else {"__float__": "Infinity"}],
+                   **common)
+    else:
+        if mx0.exact_zoh:
+            raise ValueError("exact_zoh=True has no Hugging Face equivalent (transformers uses "
+                             "the reference code's Euler input)")
+        cfg = dict(architectures=["MambaForCausalLM"], model_type="mamba",
+                   intermediate_size=int(mx0.d_inner), expand=max(1, int(mx0.d_inner // D)),
+                   time_step_rank=int(mx0.dt_rank), **common)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    _hf.write_safetensors(os.path.join(path, "model.safetensors"),
+                          {k: np.ascontiguousarray(v, np.float32) for k, v in t.items()})
