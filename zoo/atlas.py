@@ -288,3 +288,163 @@ def build_omeganet(cfg: OmegaNetConfig, rngs: nnx.Rngs) -> CausalLM:
     if cfg.momentum:
         raise ValueError("model.momentum=True is Atlas; use the 'atlas' entry")
     return build_atlas_lm(cfg, rngs)
+
+
+# ----------------------------------------------------------------------------- DeepTransformer / SWDT
+
+
+@dataclass(frozen=True)
+class DeepTransformerConfig:
+    """DeepTransformer (window None) / SWDT (window c: the last c tokens, W = c − 1) with a linear
+    memory on φ*, normalised (atlas.md §2.7, §8.10), α ≡ 1. rate_gate: the write rate
+    η_i = sigmoid(x_i w_η + b_η) per head (False: η ≡ 1, exactly softmax attention with RoPE).
+    Llama-style blocks; kernel scale s = 1/sqrt(d) on the RoPE'd q, k."""
+    vocab_size: int = 256
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    window: int | None = None
+    rate_gate: bool = True
+    rate_bias: float = 2.0
+    rope_base: float = 10000.0
+    max_len: int = 2048             # KV-cache length
+    ffn_dim: int | None = None
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+    attn_impl: str = "auto"
+    attn_block: int = 128
+
+    def validate(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"model.window={self.window} must be >= 1 (tokens kept, c)")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError("RoPE needs an even head dim")
+
+    @property
+    def hd(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def d_ff(self) -> int:
+        return self.ffn_dim or llama_ffn_dim(self.dim, 256 if self.dim >= 512 else 64)
+
+
+class DeepTransformerMixer(nnx.Module):
+    """Normalised read of M_t = Σ_{i≤t} η_i v_i φ*(k_i)ᵀ at φ*(q_t):
+    y_t = Σ_i η_i exp(s q_t·k_i) v_i / Σ_i η_i exp(s q_t·k_i) over the window, computed by the
+    shared attention op and decoded through its KV cache: keys carry one extra channel log η_i,
+    queries a constant 1/s, so s·q'·k' = s q·k + log η_i (values padded by one zero channel so
+    that keys and values share the cache's head dim)."""
+
+    def __init__(self, cfg: DeepTransformerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, H, d = cfg.dim, cfg.n_heads, cfg.hd
+        mk = lambda i, o, ax: Dense(i, o, rngs=rngs, axes=ax, std=cfg.init_std)
+        self.wq, self.wk, self.wv = (mk(D, H * d, ("embed", "heads")) for _ in range(3))
+        self.wo = mk(H * d, D, ("heads", "embed"))
+        w_eta = None
+        if cfg.rate_gate:
+            w_eta = Dense(D, H, rngs=rngs, use_bias=True, axes=("embed", "heads"), std=cfg.init_std)
+            w_eta.bias[...] = jnp.full((H,), cfg.rate_bias)
+        self.w_eta = nnx.data(w_eta)
+
+    @property
+    def attn_window(self) -> int | None:
+        return None if self.cfg.window is None else self.cfg.window - 1
+
+    def init_state(self, batch_size: int, max_len: int | None = None):
+        from layers.attention import init_kv_cache
+        slots = max_len or self.cfg.max_len
+        if self.attn_window is not None:
+            slots = min(slots, self.attn_window + 1)
+        return init_kv_cache(batch_size, slots, self.cfg.n_heads, self.cfg.hd + 1)
+
+    def qkv(self, x, pos):
+        """RoPE'd q, k, v [B, T, H, d] and log η [B, T, H] (zeros without the gate)."""
+        from layers.rope import apply_rope
+        B, T, _ = x.shape
+        H, d = self.cfg.n_heads, self.cfg.hd
+        q = apply_rope(self.wq(x).reshape(B, T, H, d), pos, base=self.cfg.rope_base)
+        k = apply_rope(self.wk(x).reshape(B, T, H, d), pos, base=self.cfg.rope_base)
+        v = self.wv(x).reshape(B, T, H, d)
+        log_eta = (jnp.zeros((B, T, H), jnp.float32) if self.w_eta is None
+                   else jax.nn.log_sigmoid(self.w_eta(x).astype(jnp.float32)))
+        return q, k, v, log_eta
+
+    def __call__(self, x, state=None, *, mask=None, segment_ids=None, context=None,
+                 deterministic: bool = True, key=None):
+        from layers.attention import cache_write
+        from layers.common import doc_starts, real_mask, token_positions
+        from pallas_kernels.attention import attention as attention_op
+        B, T, _ = x.shape
+        H, d = self.cfg.n_heads, self.cfg.hd
+        fresh = state is None
+        if fresh:
+            state = self.init_state(B)
+        mask = real_mask(mask, B, T)
+        starts = doc_starts(segment_ids, B, T)
+        pos, dcount, next_pos = token_positions(state.pos, starts, mask)
+        doc = state.doc[:, None] + dcount
+        q, k, v, log_eta = self.qkv(x, pos)
+        s = d ** -0.5
+        qa = jnp.concatenate([q.astype(jnp.float32), jnp.full((B, T, H, 1), 1.0 / s)], -1)
+        ka = jnp.concatenate([k.astype(jnp.float32), log_eta[..., None]], -1)
+        va = jnp.concatenate([v.astype(jnp.float32), jnp.zeros((B, T, H, 1))], -1)
+        new_state = cache_write(state, ka, va, pos, doc, mask, next_pos, self.attn_window)
+        if fresh:
+            ks, vs, kpos, kdoc, kval = ka, va, pos, doc, mask
+        else:
+            ks = jnp.concatenate([state.k.astype(ka.dtype), ka], axis=1)
+            vs = jnp.concatenate([state.v.astype(va.dtype), va], axis=1)
+            kpos = jnp.concatenate([state.slot_pos, pos], axis=1)
+            kdoc = jnp.concatenate([state.slot_doc, doc], axis=1)
+            kval = jnp.concatenate([state.slot_pos >= 0, mask], axis=1)
+        o = attention_op(qa, ks, vs, q_pos=pos, k_pos=kpos, q_group=doc, k_group=kdoc,
+                         k_valid=kval, causal=True, window=self.attn_window, scale=s,
+                         impl=self.cfg.attn_impl, block_k=self.cfg.attn_block)
+        y = self.wo(o[..., :d].reshape(B, T, H * d).astype(x.dtype))
+        return y, new_state, {}
+
+
+def deep_transformer_param_count(cfg: DeepTransformerConfig) -> int:
+    D, Hd = cfg.dim, cfg.n_heads * cfg.hd
+    mixer = 4 * D * Hd + ((D + 1) * cfg.n_heads if cfg.rate_gate else 0)
+    return _lm_param_count(cfg, mixer)
+
+
+def build_deep_transformer_lm(cfg: DeepTransformerConfig, rngs: nnx.Rngs) -> CausalLM:
+    cfg.validate()
+    return _lm(cfg, lambda: DeepTransformerMixer(cfg, rngs=rngs), rngs)
+
+
+_TINY_DT = dict(vocab_size=37, dim=16, n_layers=2, n_heads=2, max_len=64, init_std=0.1,
+                rate_bias=0.0)
+
+
+@register("deep_transformer", config=DeepTransformerConfig, param_count=deep_transformer_param_count,
+          conformance=ConformanceSpec(
+              config=DeepTransformerConfig(**_TINY_DT), length=13, cuts=(1, 6, 7, 12),
+              reference={"attn_impl": "reference"},
+              fast=({"attn_impl": "chunked", "attn_block": 4},)))
+def build_deep_transformer(cfg: DeepTransformerConfig, rngs: nnx.Rngs) -> CausalLM:
+    return build_deep_transformer_lm(cfg, rngs)
+
+
+@dataclass(frozen=True)
+class SWDTConfig(DeepTransformerConfig):
+    """SWDT: DeepTransformer over the last c tokens (window c, attention op W = c − 1)."""
+    window: int | None = 512
+
+
+@register("swdt", config=SWDTConfig, param_count=deep_transformer_param_count,
+          conformance=ConformanceSpec(
+              config=SWDTConfig(**_TINY_DT, window=4), length=13, cuts=(1, 6, 7, 12),
+              reference={"attn_impl": "reference"},
+              fast=({"attn_impl": "chunked", "attn_block": 4},)))
+def build_swdt(cfg: SWDTConfig, rngs: nnx.Rngs) -> CausalLM:
+    if cfg.window is None:
+        raise ValueError("model.window=None is the full DeepTransformer; use 'deep_transformer'")
+    return build_deep_transformer_lm(cfg, rngs)
