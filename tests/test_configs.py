@@ -10,9 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from train import checkpoint as ckpt
 from train import config as C
 from train import trainer as T
 from train_helpers import REPO
@@ -66,10 +64,10 @@ def test_config_builds_and_eval_shapes_one_step(path, variant, tmp_path):
         cfg.data.path = _data_file(tmp_path, cfg.data)
     cfg.checkpoint.dir = str(tmp_path / "run")
     resolved, model_cfg = C.resolve(cfg)
-    new_params, metrics = T.eval_shape_step(cfg)
-    _, state = ckpt.abstract_model(resolved.model.name, model_cfg)
-    want = jax.tree.map(lambda s: (s.shape, s.dtype), nnx.to_pure_dict(state))
+    params, new_params, metrics = T.eval_shape_step(resolved, model_cfg)
+    want = jax.tree.map(lambda s: (s.shape, s.dtype), params)
     got = jax.tree.map(lambda s: (s.shape, s.dtype), new_params)
+    assert jax.tree.leaves(params) and all(s.dtype == jnp.float32 for s in jax.tree.leaves(params))
     assert got == want
     assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32
     # the number of tokens of a step is the global batch times the sequence length at most

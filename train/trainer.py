@@ -190,13 +190,14 @@ def abstract_batch(cfg, batch_size: int | None = None) -> dict:
     return b
 
 
-def eval_shape_step(cfg):
+def eval_shape_step(cfg, model_cfg=None):
     """`jax.eval_shape` of one train step of a config (nothing allocated, nothing compiled).
 
-    Returns (abstract new params, abstract metrics)."""
-    cfg, model_cfg = config_lib.resolve(cfg)
-    name = cfg.model.name
-    graphdef, state = ckpt.abstract_model(name, model_cfg, cfg.train.seed)
+    `cfg` is resolved here unless `model_cfg` (from `config.resolve`) is given.
+    Returns (abstract params, abstract updated params, abstract metrics)."""
+    if model_cfg is None:
+        cfg, model_cfg = config_lib.resolve(cfg)
+    graphdef, state = ckpt.abstract_model(cfg.model.name, model_cfg, cfg.train.seed)
     params = nnx.to_pure_dict(state)
     opt = optim.make_optimizer(cfg.train)
     opt_state = jax.eval_shape(opt.init, params)
@@ -205,7 +206,7 @@ def eval_shape_step(cfg):
                            dropout_seed=(t.seed + 1 if t.dropout else None))
     new_p, _, _, metrics = jax.eval_shape(step, params, opt_state,
                                           jax.ShapeDtypeStruct((), jnp.int32), abstract_batch(cfg))
-    return new_p, metrics
+    return params, new_p, metrics
 
 
 def init_params(s: Setup) -> dict:
