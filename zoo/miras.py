@@ -276,8 +276,16 @@ class MemoraConfig(MirasConfig):
     model: str = "memora"
 
 
+# Moneta's conformance tolerance is 3e-5 (gradients 3e-4), with a measured reason: the outer
+# gradient passes through the derivative of the smooth ℓp signal (tanh slope a = 10) and the
+# q = 4 link (homogeneity degree −1), which amplify the float32 rounding differences between the
+# token loop and the chunk-parallel form (measured: forward 5.7e-6, embedding gradient 1.8e-4 on
+# entries of magnitude 2.2; the forward matches the float64 token loops of tests/test_miras.py
+# to 2e-5).
+_TOL = {"moneta": 3e-5, "yaad": 1e-5, "memora": 1e-5}
 for _name, _cls in (("moneta", MonetaConfig), ("yaad", YaadConfig), ("memora", MemoraConfig)):
     register(_name, config=_cls, param_count=miras_param_count,
              conformance=ConformanceSpec(config=_cls(**_TINY), length=13, cuts=(1, 3, 5, 12),
                                          reference={"impl": "reference"},
-                                         fast=({"impl": "chunked"},)))(_builder(_name))
+                                         fast=({"impl": "chunked"},), atol=_TOL[_name],
+                                         rtol=_TOL[_name]))(_builder(_name))
