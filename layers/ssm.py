@@ -100,7 +100,7 @@ class MambaMixer(nnx.Module):
                  d_conv: int = 4, dt_rank: int | None = None, dt_min: float = 1e-3,
                  dt_max: float = 0.1, dt_init_floor: float = 1e-4, dt_scale: float = 1.0,
                  dt_init: str = "random", conv_bias: bool = True, exact_zoh: bool = False,
-                 out_scale: float = 1.0, impl: str = "auto", chunk: int = 64):
+                 out_scale: float = 1.0, impl: str = "auto", chunk: int = 16):
         R = dt_rank or math.ceil(dim / 16)
         self.d_inner, self.d_state, self.d_conv, self.dt_rank = d_inner, d_state, d_conv, R
         self.exact_zoh, self.impl, self.chunk = exact_zoh, impl, chunk

@@ -52,7 +52,7 @@ class MambaConfig:
     init_std: float = 0.02
     rescale_out_proj: bool = True       # out_proj / sqrt(n_layers)
     scan_impl: str = "auto"
-    chunk_size: int = 64
+    chunk_size: int = 16                # the chunked Mamba-1 form does O(chunk) more work per step
     compute_dtype: str = "float32"
     remat: str = "none"
 

@@ -58,7 +58,7 @@ def _pad_chunks(arrs, T: int, Q: int):
 
 def selective_scan(x: Array, dt: Array, A: Array, Bm: Array, C: Array, *, h0: Array | None = None,
                    reset: Array | None = None, exact_zoh: bool = False,
-                   chunk: int = 64) -> tuple[Array, Array]:
+                   chunk: int = 16) -> tuple[Array, Array]:
     """Same signature and result as `reference.selective_scan`; `chunk` is a block size only."""
     Bsz, T, Di = x.shape
     N = A.shape[1]
