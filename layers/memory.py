@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.common import doc_starts, normal, param, real_mask, token_positions
-from layers.conv import CausalConv1d
+from layers.conv import CausalConv1d, causal_conv1d
 from layers.linear import Dense
 from layers.norms import gated_rms_norm, l2_norm
 from pallas_kernels import neural_memory as nm_op
@@ -324,12 +324,13 @@ class NeuralMemory(nnx.Module):
         return NeuralMemoryLayerState(mem=mem, conv=self.conv.init_state(batch_size),
                                       pos=jnp.zeros((batch_size,), jnp.int32))
 
-    def qkv(self, x, conv_state, real, starts):
-        """q, k (ℓ2-normalised, then features), v: [B, T, H, *]; new conv state."""
+    def qkv(self, x, conv_state, real, starts, hist=None):
+        """q, k (ℓ2-normalised, then features), v: [B, T, H, *]; new conv state. `hist`
+        [B, K-1, C]: the conv inputs a document start sees before it (None: zeros)."""
         B, T, _ = x.shape
         H, d = self.cfg.n_heads, self.cfg.hd
         u = jnp.concatenate([self.wq(x), self.wk(x), self.wv(x)], axis=-1)
-        u, conv_state = self.conv(u, conv_state, real, starts)
+        u, conv_state = conv_with_history(self.conv.weight[...], u, conv_state, real, starts, hist)
         u = jax.nn.silu(u.astype(jnp.float32))
         q, k, v = (a.reshape(B, T, H, d) for a in jnp.split(u, 3, axis=-1))
         q, k = l2_norm(q, self.cfg.norm_eps), l2_norm(k, self.cfg.norm_eps)
@@ -343,27 +344,69 @@ class NeuralMemory(nnx.Module):
         o = gated_rms_norm(y, z, self.out_norm[...], self.cfg.norm_eps, norm_before_gate=True)
         return self.wo(o.reshape(B, T, H * d).astype(x.dtype))
 
-    def memory(self, q, k, v, g, mem, pos, starts, real, *, has_resets: bool):
+    def memory(self, q, k, v, g, mem, pos, starts, real, *, has_resets: bool, reset_to=None):
         return nm_op.neural_memory(
             self.rule(), self.outer(), self.memory_init(), mem, q, k, v, log_ret=g["log_ret"],
             lr=g["lr"], log_mom=g["log_mom"], gamma=g["gamma"], extra=g["extra"], pos=pos,
             reset=starts, real=real, max_resets=self.cfg.max_resets if has_resets else None,
-            impl=self.cfg.impl)
+            reset_to=reset_to, impl=self.cfg.impl)
 
     def __call__(self, x, state=None, *, mask=None, segment_ids=None, context=None,
-                 deterministic: bool = True, key=None):
+                 deterministic: bool = True, key=None,
+                 reset_state: NeuralMemoryLayerState | None = None):
+        """`reset_state`: the state a document start returns to (None: the fresh state); its
+        position offsets the memory stream's positions (persistent tokens, MAG/MAL). Its
+        window buffer is not restored (window > 1 with a reset state is rejected)."""
         B, T, _ = x.shape
         if state is None:
             state = self.init_state(B)
         real = real_mask(mask, B, T)
-        starts = doc_starts(segment_ids, B, T)
-        pos, _, next_pos = token_positions(state.pos, starts, real)
-        q, k, v, conv_state = self.qkv(x, state.conv, real, starts)
+        starts = doc_starts(segment_ids, B, T) & real
+        pos, dcount, next_pos = token_positions(state.pos, starts, real)
+        hist, reset_to = None, None
+        if reset_state is not None and segment_ids is not None:
+            if self.cfg.window > 1:
+                raise ValueError("a reset state with an Omega window > 1 is not supported")
+            pos = pos + jnp.where(dcount > 0, reset_state.pos[:, None], 0)
+            n_real = real.sum(axis=1).astype(jnp.int32)
+            last = jnp.take_along_axis(pos, jnp.maximum(n_real - 1, 0)[:, None], axis=1)[:, 0]
+            next_pos = jnp.where(n_real > 0, last + 1, state.pos).astype(jnp.int32)
+            hist = reset_state.conv
+            reset_to = (reset_state.mem.W, reset_state.mem.S, reset_state.mem.anchor)
+        q, k, v, conv_state = self.qkv(x, state.conv, real, starts, hist)
         g = self.gates(x)
         y, mem = self.memory(q, k, v, g, state.mem, pos, starts, real,
-                             has_resets=segment_ids is not None)
+                             has_resets=segment_ids is not None, reset_to=reset_to)
         out = self.output(x, y)
         return out, NeuralMemoryLayerState(mem=mem, conv=conv_state, pos=next_pos), {}
+
+
+def conv_with_history(w, x, state, real, starts, hist=None):
+    """The shared causal depthwise conv (no bias), except that a document start sees `hist`
+    ([B, K-1, C], oldest first) as its previous inputs instead of zeros (MAG/MAL: the last
+    inputs of the persistent tokens); the returned state is filled the same way."""
+    y, new_state = causal_conv1d(x, w, None, state, real, starts)
+    if hist is None or starts is None:
+        return y, new_state
+    B, T, C = x.shape
+    K = w.shape[1]
+    t = jnp.arange(T)[None, :]
+    last_start = jax.lax.cummax(jnp.where(starts, t, -(K + 1)), axis=1)  # [B, T]
+    bi = jnp.arange(B)[:, None]
+    corr = jnp.zeros((B, T, C), jnp.float32)
+    for k in range(K):
+        j = t - (K - 1 - k) - last_start  # input index relative to the document start
+        use = (last_start >= 0) & (j < 0)
+        h = hist[bi, jnp.clip(K - 1 + j, 0, K - 2)].astype(jnp.float32)
+        corr = corr + jnp.where(use[..., None], h * w[:, k].astype(jnp.float32), 0.0)
+    y = (y.astype(jnp.float32) + corr).astype(y.dtype)
+    n_real = real.sum(axis=1).astype(jnp.int32)
+    ls = jnp.take_along_axis(last_start, jnp.maximum(n_real - 1, 0)[:, None], axis=1)  # [B, 1]
+    call_idx = n_real[:, None] + jnp.arange(K - 1)[None, :] - (K - 1)
+    j = call_idx - ls
+    use = (ls >= 0) & (j < 0) & (n_real[:, None] > 0)
+    h = hist[bi, jnp.clip(K - 1 + j, 0, K - 2)]
+    return y, jnp.where(use[..., None], h.astype(new_state.dtype), new_state)
 
 
 def neural_memory_param_count(cfg: NeuralMemoryConfig) -> int:

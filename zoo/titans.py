@@ -14,8 +14,8 @@ residual with a SwiGLU MLP (titans.md §3.1). The memory mixer is `layers.memory
 * MAL:  alternating [memory on [P; x], MLP] and [sliding-window attention with prefix P, MLP]
         (Samba style, §3.6).
 For MAG / MAL the memory's input stream starts with the N_p persistent tokens: `init_state` is
-the state after them (it depends on parameters). Those two cannot reset at packed document
-starts (a reset would have to return to the post-P state) and are registered `resets=False`.
+the state after them (it depends on parameters); a packed document start returns the memory to
+that state (memory W, S, anchor, the conv inputs of P, position N_p).
 """
 from __future__ import annotations
 
@@ -180,12 +180,12 @@ class PrefixedMemory(nnx.Module):
 
     def __call__(self, x, state=None, *, mask=None, segment_ids=None, context=None,
                  deterministic: bool = True, key=None):
-        if segment_ids is not None:
-            raise ValueError("Titans MAG/MAL cannot reset at packed document starts "
-                             "(registered resets=False)")
+        B = x.shape[0]
         if state is None:
-            state = self.init_state(x.shape[0])
-        return self.memory(x, state, mask=mask)
+            state = self.init_state(B)
+        # a document start returns to the state after P (positions continue from N_p)
+        reset_state = self.init_state(B) if segment_ids is not None else None
+        return self.memory(x, state, mask=mask, segment_ids=segment_ids, reset_state=reset_state)
 
 
 def _gate_combine(y, m, w_y, w_m, eps):
@@ -225,7 +225,7 @@ class MAGMixer(nnx.Module):
         if state is None:
             state = self.init_state(x.shape[0])
         m, mem_state, _ = self.mem(x, state["mem"], mask=mask, segment_ids=segment_ids)
-        y, attn_state, _ = self.attn(x, state["attn"], mask=mask,
+        y, attn_state, _ = self.attn(x, state["attn"], mask=mask, segment_ids=segment_ids,
                                      extra_kv=self.persistent_kv(x.shape[0]))
         o = _gate_combine(y, m, self.norm_y[...], self.norm_m[...], self.eps)
         return self.wo(o), {"attn": attn_state, "mem": mem_state}, {}
@@ -245,7 +245,7 @@ def mag_param_count(cfg: TitansConfig) -> int:
 _HYBRID = dict(_TINY, memory="linear", chunk=4, window=4, n_persistent=3, max_len=32)
 
 
-@register("titans_mag", config=TitansConfig, param_count=mag_param_count, resets=False,
+@register("titans_mag", config=TitansConfig, param_count=mag_param_count,
           conformance=ConformanceSpec(
               config=TitansConfig(**{**_HYBRID, "n_layers": 1}),
               length=13, cuts=(1, 5, 9, 12),
@@ -270,7 +270,7 @@ def mal_param_count(cfg: TitansConfig) -> int:
             + (cfg.n_layers - n_mem) * _block_count(cfg, attn))
 
 
-@register("titans_mal", config=TitansConfig, param_count=mal_param_count, resets=False,
+@register("titans_mal", config=TitansConfig, param_count=mal_param_count,
           conformance=ConformanceSpec(
               config=TitansConfig(**_HYBRID),
               length=13, cuts=(1, 5, 9, 12),

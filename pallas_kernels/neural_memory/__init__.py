@@ -20,14 +20,16 @@ __all__ = ["MemoryRule", "MemoryState", "init_state", "neural_memory", "read", "
 
 def neural_memory(rule: MemoryRule, outer, W0, state: MemoryState, q, k, v, *, log_ret, lr,
                   log_mom=None, gamma=None, extra=None, pos, reset, real,
-                  max_resets: int | None = None, impl: str = "auto"):
-    """Returns (y [B, T, H, dv] (float32 or wider), new MemoryState). `max_resets`: static bound on document
-    starts per row (None: no resets in this call); see `chunked.neural_memory`."""
+                  max_resets: int | None = None, reset_to=None, impl: str = "auto"):
+    """Returns (y [B, T, H, dv] (float32 or wider), new MemoryState). `max_resets`: static
+    bound on document starts per row (None: no resets in this call), see
+    `chunked.neural_memory`; `reset_to`: optional (W, S, anchor) restored at document starts
+    instead of the fresh state."""
     impl = _dispatch.resolve("neural_memory", impl, IMPLS, available=("reference", "chunked"))
     if impl == "auto":
         impl = "reference" if q.shape[1] == 1 else "chunked"
     kw = dict(log_ret=log_ret, lr=lr, log_mom=log_mom, gamma=gamma, extra=extra, pos=pos,
-              reset=reset, real=real)
+              reset=reset, real=real, reset_to=reset_to)
     if impl == "reference":
         return reference.neural_memory(rule, outer, W0, state, q, k, v, **kw)
     return chunked.neural_memory(rule, outer, W0, state, q, k, v, max_resets=max_resets, **kw)

@@ -65,15 +65,13 @@ def _scatter(x, slot, N):
     return out.at[jnp.arange(B)[:, None], slot].set(x, mode="drop")
 
 
-def _head_chunks(rule: ref.MemoryRule, outer, W0, W, S, anc, q, lr, lret, lmom, gam, live,
-                 sdoc, ek, ev, ex, eval_, edoc, rst, comp):
+def _head_chunks(rule: ref.MemoryRule, outer, rW, rS, rA, W, S, anc, q, lr, lret, lmom, gam,
+                 live, sdoc, ek, ev, ex, eval_, edoc, rst, comp):
     """One (row, head). q [N, dk]; gates [N]; gam [N, c]; sdoc [N]; ext arrays [c-1+N, ...];
     rst, comp [NC]. Returns y [N, dv], W, S, anchor."""
     b, c = rule.chunk, rule.window
     N = q.shape[0]
     NC = N // b
-    W0 = jax.tree.map(fp, W0)
-    zeros_S = jax.tree.map(jnp.zeros_like, W0)
     cin_all, cout_all = rule.coefficients(lr)
     cin_all, cout_all = jnp.where(live, cin_all, 0.0), jnp.where(live, cout_all, 0.0)
     chunked = lambda a: a.reshape((NC, b) + a.shape[1:])
@@ -90,9 +88,9 @@ def _head_chunks(rule: ref.MemoryRule, outer, W0, W, S, anc, q, lr, lret, lmom, 
     def body(carry, inp):
         Wc, Sc, ac = carry
         qc, cin, cout, lret_c, lmom_c, gam_c, doc_c, sk, sv, sx, sval, sd, r, cp = inp
-        Wc = ref._tree_where(r, W0, Wc)
-        Sc = ref._tree_where(r, zeros_S, Sc)
-        ac = ref._tree_where(r, W0, ac)
+        Wc = ref._tree_where(r, rW, Wc)
+        Sc = ref._tree_where(r, rS, Sc)
+        ac = ref._tree_where(r, rA, ac)
         W_eff = rule.link(outer, ac)
         u = jax.vmap(lambda kk, vv, xx: ref.source_grad(rule, outer, W_eff, kk, vv, xx))(sk, sv, sx)
         band = (off >= 0) & (off < c) & sval[None, :] & (sd[None, :] == doc_c[:, None])
@@ -118,7 +116,7 @@ def _head_chunks(rule: ref.MemoryRule, outer, W0, W, S, anc, q, lr, lret, lmom, 
 
 def neural_memory(rule: ref.MemoryRule, outer, W0, state: ref.MemoryState, q, k, v, *, log_ret,
                   lr, log_mom=None, gamma=None, extra=None, pos, reset, real,
-                  max_resets: int | None = None):
+                  max_resets: int | None = None, reset_to=None):
     """Chunk-parallel form; same signature and result as `reference.neural_memory`.
 
     max_resets: static bound on document starts per row inside the call (None: `reset` is all
@@ -130,23 +128,24 @@ def neural_memory(rule: ref.MemoryRule, outer, W0, state: ref.MemoryState, q, k,
     NC = n_chunks(T, b, max_resets or 0)
     if max_resets is None:
         return _chunked(rule, outer, W0, state, q, k, v, log_ret, lr, log_mom, gamma, extra, pos,
-                        reset, real, NC)
+                        reset, real, NC, reset_to)
     _, _, used = layout(pos, reset, real, b, NC)
-    args = (outer, W0, state, q, k, v, log_ret, lr, log_mom, gamma, extra, pos, reset, real)
+    args = (outer, W0, state, q, k, v, log_ret, lr, log_mom, gamma, extra, pos, reset, real,
+            reset_to)
 
     def fast(a):
-        return _chunked(rule, *a, NC)
+        return _chunked(rule, *a[:-1], NC, a[-1])
 
     def slow(a):
-        o, w0, st, q_, k_, v_, lrt, lr_, lm, g, e, p, r, m = a
+        o, w0, st, q_, k_, v_, lrt, lr_, lm, g, e, p, r, m, rt = a
         return ref.neural_memory(rule, o, w0, st, q_, k_, v_, log_ret=lrt, lr=lr_, log_mom=lm,
-                                 gamma=g, extra=e, pos=p, reset=r, real=m)
+                                 gamma=g, extra=e, pos=p, reset=r, real=m, reset_to=rt)
 
     return jax.lax.cond(jnp.all(used <= NC), fast, slow, args)
 
 
 def _chunked(rule, outer, W0, state, q, k, v, log_ret, lr, log_mom, gamma, extra, pos, reset,
-             real, NC):
+             real, NC, reset_to=None):
     B, T, H, dk = q.shape
     b, c = rule.chunk, rule.window
     N = NC * b
@@ -185,11 +184,12 @@ def _chunked(rule, outer, W0, state, q, k, v, log_ret, lr, log_mom, gamma, extra
     evalid = evalid.at[bidx, eslot].set(real, mode="drop")
     edoc = jnp.zeros((B, E), jnp.int32).at[bidx, eslot].set(doc, mode="drop")
 
+    rW, rS, rA = ref.reset_target(W0, state, reset_to)
     per_head = jax.vmap(lambda *a: _head_chunks(rule, *a),
-                        in_axes=(0,) * 5 + (1,) * 5 + (None,) * 2 + (1,) * 3 + (None,) * 4,
+                        in_axes=(0,) * 7 + (1,) * 5 + (None,) * 2 + (1,) * 3 + (None,) * 4,
                         out_axes=(1, 0, 0, 0))
-    per_row = jax.vmap(per_head, in_axes=(None, None) + (0,) * 17)
-    y_s, W, S, anc = per_row(outer, W0, state.W, state.S, state.anchor, q_s, lr_s, lret_s, lmom_s,
+    per_row = jax.vmap(per_head, in_axes=(None,) + (0,) * 20)
+    y_s, W, S, anc = per_row(outer, rW, rS, rA, state.W, state.S, state.anchor, q_s, lr_s, lret_s, lmom_s,
                              gam_s, sc(real), sdoc, ek, ev, ex, evalid, edoc, rst, comp)
     y = jnp.take_along_axis(y_s, jnp.minimum(slot, N - 1)[:, :, None, None], axis=1)
     y = jnp.where(real[:, :, None, None], y, 0.0)

@@ -139,20 +139,19 @@ def _tree_where(c, a, b):
     return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
 
 
-def _head_scan(rule: MemoryRule, outer, W0, W, S, anc, wk, wv, wx, wval, q, k, v, log_ret, lr,
-               log_mom, gamma, extra, pos, reset, real):
-    """One (batch row, head): sequences of length T. Returns y [T, dv] and the new state parts."""
+def _head_scan(rule: MemoryRule, outer, rW, rS, rA, W, S, anc, wk, wv, wx, wval, q, k, v,
+               log_ret, lr, log_mom, gamma, extra, pos, reset, real):
+    """One (batch row, head): sequences of length T. (rW, rS, rA): the state a document start
+    returns to. Returns y [T, dv] and the new state parts."""
     b, c = rule.chunk, rule.window
-    W0 = jax.tree.map(fp, W0)
-    zeros_S = jax.tree.map(jnp.zeros_like, W0)
 
     def step(carry, inp):
         W, S, anc, wk, wv, wx, wval = carry
         qt, kt, vt, lrt, lmt, lmomt, gt, xt, pt, rt, realt = inp
         # document start: fresh state and empty window
-        W = _tree_where(rt, W0, W)
-        S = _tree_where(rt, zeros_S, S)
-        anc = _tree_where(rt, W0, anc)
+        W = _tree_where(rt, rW, W)
+        S = _tree_where(rt, rS, S)
+        anc = _tree_where(rt, rA, anc)
         wval = wval & ~rt
         # sources: window buffer (oldest first) then the current token
         sk = jnp.concatenate([wk, kt[None]], 0)
@@ -185,18 +184,32 @@ def _head_scan(rule: MemoryRule, outer, W0, W, S, anc, wk, wv, wx, wval, q, k, v
     return (y,) + carry
 
 
+def reset_target(W0, state: MemoryState, reset_to=None):
+    """(W, S, anchor) with leaves [B, H, ...] that a document start returns to: the fresh state
+    (W0, 0, W0) unless `reset_to` gives one (e.g. the state after persistent tokens)."""
+    if reset_to is not None:
+        return tuple(jax.tree.map(fp, t) for t in reset_to)
+    W = jax.tree.map(lambda w, s: jnp.broadcast_to(fp(w), s.shape).astype(s.dtype), W0, state.W)
+    return W, jax.tree.map(jnp.zeros_like, W), W
+
+
 def neural_memory(rule: MemoryRule, outer, W0, state: MemoryState, q, k, v, *, log_ret, lr,
-                  log_mom=None, gamma=None, extra=None, pos, reset, real, **unused):
-    """Reference form. Returns (y [B, T, H, dv] (float32 or wider), new MemoryState)."""
+                  log_mom=None, gamma=None, extra=None, pos, reset, real, reset_to=None,
+                  **unused):
+    """Reference form. Returns (y [B, T, H, dv] (float32 or wider), new MemoryState).
+
+    reset_to: optional (W, S, anchor) (leaves [B, H, ...]) restored at document starts instead
+    of the fresh state; the window buffer is emptied at a document start either way."""
     del unused
     log_mom, gamma = fill_defaults(rule, lr, log_mom, gamma)
-    # per head: outer/W0/state parts on axis 0, per-token inputs on axis 1 ([T, H, ...])
+    rW, rS, rA = reset_target(W0, state, reset_to)
+    # per head: outer/state parts on axis 0, per-token inputs on axis 1 ([T, H, ...])
     per_head = jax.vmap(lambda *a: _head_scan(rule, *a),
-                        in_axes=(0,) * 9 + (1,) * 8 + (None,) * 3,
+                        in_axes=(0,) * 11 + (1,) * 8 + (None,) * 3,
                         out_axes=(1,) + (0,) * 7)
-    per_row = jax.vmap(per_head, in_axes=(None, None) + (0,) * 18)
+    per_row = jax.vmap(per_head, in_axes=(None,) + (0,) * 21)
     y, W, S, anc, wk, wv, wx, wval = per_row(
-        outer, W0, state.W, state.S, state.anchor, state.win_k, state.win_v, state.win_extra,
+        outer, rW, rS, rA, state.W, state.S, state.anchor, state.win_k, state.win_v, state.win_extra,
         _wval_heads(state, q.shape[2]), q, k, v, log_ret, lr, log_mom, gamma, extra, pos, reset,
         real)
     return y, MemoryState(W=W, S=S, anchor=anc, win_k=wk, win_v=wv, win_extra=wx,
