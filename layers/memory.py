@@ -61,7 +61,7 @@ from layers.conv import CausalConv1d, causal_conv1d
 from layers.linear import Dense
 from layers.norms import gated_rms_norm, l2_norm
 from pallas_kernels import neural_memory as nm_op
-from pallas_kernels.neural_memory import MemoryRule, MemoryState
+from pallas_kernels.neural_memory import Layered, MemoryRule, MemoryState
 
 Array = jax.Array
 PyTree = Any
@@ -69,10 +69,17 @@ PyTree = Any
 # ----------------------------------------------------------------------------- memory networks
 
 
-def linear_memory(outer, W, x):
+@dataclass(frozen=True)
+class LinearMemory:
     """Matrix memory `y = x W["w"]` (row convention, W [dk, dv])."""
-    del outer
-    return x @ W["w"]
+    layered = Layered(names=("w",))
+
+    def __call__(self, outer, W, x):
+        del outer
+        return x @ W["w"]
+
+
+linear_memory = LinearMemory()
 
 
 def mlp_memory(outer, W, x, *, act: Callable = jax.nn.gelu, residual: bool = True,
@@ -215,6 +222,16 @@ class _MLPMemory:
     def __call__(self, outer, W, x):
         return mlp_memory(outer, W, x, act=gelu_exact, residual=self.residual,
                           layer_norm_eps=self.ln_eps)
+
+    def head(self, outer, z, x):
+        """The part of `mlp_memory` after the last linear layer."""
+        if self.ln_eps is not None:
+            z = _memory_layer_norm(z, outer["ln_w"], outer["ln_b"], self.ln_eps)
+        return z + x[..., : z.shape[-1]] if self.residual else z
+
+    @property
+    def layered(self) -> Layered:
+        return Layered(act=gelu_exact, head=self.head)
 
 
 def make_rule(cfg: NeuralMemoryConfig) -> MemoryRule:

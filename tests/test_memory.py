@@ -3,7 +3,8 @@
 * both forms against an independent per-token implementation of the anchored rule written with
   `jax.grad` of the inner loss (float64): chunk sizes 1, 3, 4, windows 1 and 3, the learning
   rate inside (Titans) and outside (ATLAS) the momentum, linear and deep (MLP) memories;
-* chunked == reference (forward, state, gradients) at the same chunk size;
+* chunked == reference (forward, state, gradients) at the same chunk size, for both chunk bodies
+  (the dual form of titans.md §2.8 for layered memories, and materialised per-token states);
 * with chunk 1 both equal the plain token rule (gradient at W_{t-1});
 * a call may stop anywhere (mid-chunk) and continue; right padding; document resets (chunk grid
   restarts) including the fallback when a row has more document starts than the static bound;
@@ -20,7 +21,8 @@ from flax import nnx
 
 from layers.memory import (NeuralMemory, NeuralMemoryConfig, _MLPMemory, l2_signal,
                            linear_memory)
-from pallas_kernels.neural_memory import MemoryRule, init_state
+from pallas_kernels.neural_memory import MemoryRule, chunked, init_state
+from pallas_kernels.neural_memory.reference import layered_of
 from pallas_kernels.neural_memory import neural_memory as _nm
 
 neural_memory = jax.jit(_nm, static_argnums=(0,), static_argnames=("impl", "max_resets"))
@@ -61,6 +63,13 @@ def _run(rule, outer, W0, state, inp, impl, **flags):
     return neural_memory(rule, outer, W0, state, inp["q"], inp["k"], inp["v"],
                          log_ret=inp["log_ret"], lr=inp["lr"], log_mom=inp.get("log_mom"),
                          gamma=inp.get("gamma"), impl=impl, **{**_flags(), **flags})
+
+
+def _run_form(rule, outer, W0, state, inp, form, **flags):
+    """The chunked form with a chosen chunk body ("dual" or "materialised")."""
+    return chunked.neural_memory(rule, outer, W0, state, inp["q"], inp["k"], inp["v"],
+                                 log_ret=inp["log_ret"], lr=inp["lr"], log_mom=inp.get("log_mom"),
+                                 gamma=inp.get("gamma"), form=form, **{**_flags(), **flags})
 
 
 def _spec_loop(fn, outer, W0, inp, b, c, lr_inside):
@@ -111,10 +120,14 @@ def test_forms_equal_the_anchored_rule(memory, b, c, inside):
         want = _spec_loop(fn, outer, W0, inp, b, c, inside)
         y_r, s_r = _run(rule, outer, W0, st, inp, "reference")
         y_c, s_c = jax.jit(lambda o, w, s, i: _run(rule, o, w, s, i, "chunked"))(outer, W0, st, inp)
+        y_m, s_m = _run_form(rule, outer, W0, st, inp, "materialised")
+        assert layered_of(rule) is not None  # "chunked" took the dual body
         np.testing.assert_allclose(y_r, want, rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(y_c, want, rtol=1e-10, atol=1e-10)
-        for a, z in zip(jax.tree.leaves(s_c), jax.tree.leaves(s_r)):
+        np.testing.assert_allclose(y_m, want, rtol=1e-10, atol=1e-10)
+        for a, z, m in zip(jax.tree.leaves(s_c), jax.tree.leaves(s_r), jax.tree.leaves(s_m)):
             np.testing.assert_allclose(a, z, rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(m, z, rtol=1e-10, atol=1e-10)
 
 
 def test_chunk_one_is_the_plain_token_rule():
@@ -143,18 +156,24 @@ def test_chunk_one_is_the_plain_token_rule():
                 np.testing.assert_allclose(y_c[bi, t, h], yt, rtol=1e-10, atol=1e-10)
 
 
-def test_chunked_gradients_equal_reference():
+@pytest.mark.parametrize("form", ["dual", "materialised"])
+def test_chunked_gradients_equal_reference(form):
+    """Gradients w.r.t. the outer parameters, W0 and every per-token input (q, k, v, gates),
+    T = 11 with chunk 4 (not a multiple), window 2, momentum."""
     with jax.enable_x64():
         inp, W0, outer, fn = _setup("mlp", seed=2, window=2)
         rule = MemoryRule(fn, l2_signal, chunk=4, window=2)
         wy = jax.random.normal(jax.random.key(7), (B, T, H, D), jnp.float64)
 
         def loss(impl, outer, W0, inp):
-            y, st = _run(rule, outer, W0, init_state(W0, B, D, D, 2), inp, impl)
-            return jnp.sum(y * wy) + sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(st.W))
+            st = init_state(W0, B, D, D, 2)
+            y, st = (_run(rule, outer, W0, st, inp, impl) if impl == "reference" else
+                     _run_form(rule, outer, W0, st, inp, impl))
+            return (jnp.sum(y * wy) + sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(st.W))
+                    + sum(jnp.sum(jnp.cos(a)) for a in jax.tree.leaves(st.S)))
 
         g_r = jax.jit(jax.grad(lambda *a: loss("reference", *a), argnums=(0, 1, 2)))(outer, W0, inp)
-        g_c = jax.jit(jax.grad(lambda *a: loss("chunked", *a), argnums=(0, 1, 2)))(outer, W0, inp)
+        g_c = jax.jit(jax.grad(lambda *a: loss(form, *a), argnums=(0, 1, 2)))(outer, W0, inp)
         for a, z in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_r)):
             assert np.all(np.isfinite(a))
             np.testing.assert_allclose(a, z, rtol=1e-9, atol=1e-9)

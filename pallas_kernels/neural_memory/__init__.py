@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pallas_kernels import _dispatch
 from pallas_kernels.neural_memory import chunked, reference
-from pallas_kernels.neural_memory.reference import MemoryRule, MemoryState, init_state, read, source_grad
+from pallas_kernels.neural_memory.reference import Layered, MemoryRule, MemoryState, init_state, read, source_grad
 
 IMPLS = ("auto", "reference", "chunked", "pallas", "pallas_interpret")
 
-__all__ = ["MemoryRule", "MemoryState", "init_state", "neural_memory", "read", "source_grad",
+__all__ = ["Layered", "MemoryRule", "MemoryState", "init_state", "neural_memory", "read", "source_grad",
            "IMPLS"]
 
 

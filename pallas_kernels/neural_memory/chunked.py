@@ -15,11 +15,17 @@ Inside a chunk with carried (W0, S0) and anchor Wa (all gradients at link(Wa)):
   y_t   = M_{link(W_t)}(q_t)         (vmap over the chunk's tokens)
 The decay matrices are built from masked segment sums of the log gates (never ratios of
 cumulative products), so they are exact at underflow and at log-gate -inf (no momentum). The
-per-token states of a chunk are materialised (O(b |W|) per head), which supports any transform
-(Newton-Schulz) and link; the chunk body is rematerialised in the backward pass.
+chunk body is rematerialised in the backward pass. Two chunk bodies, the same function:
+
+  materialised  the per-token states of a chunk are formed (O(b |W|) per head): any transform
+                (Newton-Schulz) and link.
+  dual          (titans.md §2.8) for `Layered` memories (chains of linear layers: the matrix and
+                MLP memories) without transform or link: per-source gradients stay outer
+                products x_s^T delta_s and reads are attention-like, O(b (b + c) d) per layer.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -65,8 +71,62 @@ def _scatter(x, slot, N):
     return out.at[jnp.arange(B)[:, None], slot].set(x, mode="drop")
 
 
-def _head_chunks(rule: ref.MemoryRule, outer, rW, rS, rA, W, S, anc, q, lr, lret, lmom, gam,
-                 live, sdoc, ek, ev, ex, eval_, edoc, rst, comp):
+def _materialised_chunk(rule, outer, Wc, Sc, ac, qc, sk, sv, sx, G, PE, E, PA, A):
+    """Per-token states of the chunk materialised (any transform and link)."""
+    W_eff = rule.link(outer, ac)
+    u = jax.vmap(lambda kk, vv, xx: ref.source_grad(rule, outer, W_eff, kk, vv, xx))(sk, sv, sx)
+    U = jax.tree.map(lambda g: jnp.tensordot(G, g, 1), u)
+    bc = lambda vec, a: vec.reshape(vec.shape + (1,) * (a.ndim))
+    S_all = jax.tree.map(lambda s0, uu: bc(E, s0) * s0[None] + jnp.tensordot(PE, uu, 1), Sc, U)
+    TS = jax.vmap(rule.transform)(S_all)
+    W_all = jax.tree.map(lambda w0, ts: bc(A, w0) * w0[None] + jnp.tensordot(PA, ts, 1), Wc, TS)
+    y = jax.vmap(lambda Wt, qt: ref.read(rule, outer, Wt, qt))(W_all, qc)
+    last = lambda t: jax.tree.map(lambda a: a[-1], t)
+    return y, last(W_all), last(S_all)
+
+
+def _dual_chunk(lay: ref.Layered, rule, outer, Wc, Sc, ac, qc, sk, sv, sx, G, PE, E, PA, A):
+    """Dual form (titans.md §2.8) for a layered memory with identity transform and link: every
+    source gradient of layer l is an outer product x_s^T delta_s, so with
+        W_t = A_t W0 + F_t S0 + sum_s K[t, s] u_s,   F = PA E,  K = PA PE G,
+    a read is  z_t = A_t x_t W0 + F_t x_t S0 + sum_s K[t, s] (x_t . x_s) delta_s  per layer:
+    O(b (b + c) d + b |W|) per chunk, no per-token weights."""
+    names = lay.keys(Wc)
+    act = lay.act or (lambda z: z)
+    head = lay.head or (lambda o, z, x: z)
+    L = len(names)
+
+    def chain(x, W, eps):  # eps: additive taps on every layer output (their VJP is delta)
+        xs, h = [], x
+        for l, n in enumerate(names):
+            xs.append(h)
+            z = h @ W[n] + eps[l]
+            h = act(z) if l < L - 1 else z
+        return head(outer, z, x), xs
+
+    def source(kk, vv, xx):
+        eps = [jnp.zeros((ac[n].shape[-1],), kk.dtype) for n in names]
+        pred, vjp, xs = jax.vjp(lambda e: chain(kk, ac, e), eps, has_aux=True)
+        return xs, vjp(rule.signal_fn(pred, vv, xx).astype(pred.dtype))[0]
+
+    X, D = jax.vmap(source)(sk, sv, sx)  # lists over layers: [n_src, d_in], [n_src, d_out]
+    KS = PE @ G                          # S_t = E_t S0 + sum_s KS[t, s] u_s
+    K = PA @ KS
+    F = PA @ E
+    h = qc
+    for l, n in enumerate(names):
+        z = (A[:, None] * (h @ Wc[n]) + F[:, None] * (h @ Sc[n])
+             + (K * (h @ X[l].T)) @ D[l])
+        h = act(z) if l < L - 1 else z
+    y = jax.vmap(lambda zt, qt: head(outer, zt, qt))(z, qc)
+    W_end = {n: A[-1] * Wc[n] + F[-1] * Sc[n] + X[l].T @ (K[-1][:, None] * D[l])
+             for l, n in enumerate(names)}
+    S_end = {n: E[-1] * Sc[n] + X[l].T @ (KS[-1][:, None] * D[l]) for l, n in enumerate(names)}
+    return y, W_end, S_end
+
+
+def _head_chunks(rule: ref.MemoryRule, form: str, outer, rW, rS, rA, W, S, anc, q, lr, lret,
+                 lmom, gam, live, sdoc, ek, ev, ex, eval_, edoc, rst, comp):
     """One (row, head). q [N, dk]; gates [N]; gam [N, c]; sdoc [N]; ext arrays [c-1+N, ...];
     rst, comp [NC]. Returns y [N, dv], W, S, anchor."""
     b, c = rule.chunk, rule.window
@@ -84,40 +144,39 @@ def _head_chunks(rule: ref.MemoryRule, outer, rW, rS, rA, W, S, anc, q, lr, lret
     ss = jnp.arange(b + c - 1)[None, :]
     off = tt + c - 1 - ss  # window offset of source s for token t
 
-    @jax.checkpoint
+    lay = ref.layered_of(rule) if form != "materialised" else None
+    if form == "dual" and lay is None:
+        raise ValueError("form='dual' needs a layered memory without transform or link")
+
     def body(carry, inp):
         Wc, Sc, ac = carry
         qc, cin, cout, lret_c, lmom_c, gam_c, doc_c, sk, sv, sx, sval, sd, r, cp = inp
         Wc = ref._tree_where(r, rW, Wc)
         Sc = ref._tree_where(r, rS, Sc)
         ac = ref._tree_where(r, rA, ac)
-        W_eff = rule.link(outer, ac)
-        u = jax.vmap(lambda kk, vv, xx: ref.source_grad(rule, outer, W_eff, kk, vv, xx))(sk, sv, sx)
         band = (off >= 0) & (off < c) & sval[None, :] & (sd[None, :] == doc_c[:, None])
         G = jnp.where(band, jnp.take_along_axis(gam_c, jnp.clip(off, 0, c - 1), axis=1), 0.0)
-        U = jax.tree.map(lambda g: jnp.tensordot(G, g, 1), u)
         PE = jnp.exp(segsum(lmom_c)) * cin[None, :]
         E = jnp.exp(jnp.cumsum(lmom_c))
-        bc = lambda vec, a: vec.reshape(vec.shape + (1,) * (a.ndim))
-        S_all = jax.tree.map(lambda s0, uu: bc(E, s0) * s0[None] + jnp.tensordot(PE, uu, 1), Sc, U)
-        TS = jax.vmap(rule.transform)(S_all)
         PA = jnp.exp(segsum(lret_c)) * cout[None, :]
         A = jnp.exp(jnp.cumsum(lret_c))
-        W_all = jax.tree.map(lambda w0, ts: bc(A, w0) * w0[None] + jnp.tensordot(PA, ts, 1), Wc, TS)
-        y = jax.vmap(lambda Wt, qt: ref.read(rule, outer, Wt, qt))(W_all, qc)
-        W_end = jax.tree.map(lambda a: a[-1], W_all)
-        S_end = jax.tree.map(lambda a: a[-1], S_all)
+        chunk_fn = _materialised_chunk if lay is None else functools.partial(_dual_chunk, lay)
+        y, W_end, S_end = chunk_fn(rule, outer, Wc, Sc, ac, qc, sk, sv, sx, G, PE, E, PA, A)
         ac = ref._tree_where(cp, W_end, ac)
         return (W_end, S_end, ac), y
 
-    (W, S, anc), y = jax.lax.scan(body, (W, S, anc), xs)
+    # rematerialised in the backward pass (measured faster for the dual body too on CPU)
+    (W, S, anc), y = jax.lax.scan(jax.checkpoint(body), (W, S, anc), xs)
     return y.reshape((N,) + y.shape[2:]), W, S, anc
 
 
 def neural_memory(rule: ref.MemoryRule, outer, W0, state: ref.MemoryState, q, k, v, *, log_ret,
                   lr, log_mom=None, gamma=None, extra=None, pos, reset, real,
-                  max_resets: int | None = None, reset_to=None):
+                  max_resets: int | None = None, reset_to=None, form: str = "auto"):
     """Chunk-parallel form; same signature and result as `reference.neural_memory`.
+
+    form: "auto" (the dual form when the memory is `Layered` and there is no transform or link,
+    else per-token states materialised), "dual" or "materialised" (same function; for tests).
 
     max_resets: static bound on document starts per row inside the call (None: `reset` is all
     False). A call with more falls back to the reference loop (same function, via `lax.cond`).
@@ -127,14 +186,14 @@ def neural_memory(rule: ref.MemoryRule, outer, W0, state: ref.MemoryState, q, k,
     reset = reset & real
     NC = n_chunks(T, b, max_resets or 0)
     if max_resets is None:
-        return _chunked(rule, outer, W0, state, q, k, v, log_ret, lr, log_mom, gamma, extra, pos,
-                        reset, real, NC, reset_to)
+        return _chunked(rule, form, outer, W0, state, q, k, v, log_ret, lr, log_mom, gamma,
+                        extra, pos, reset, real, NC, reset_to)
     _, _, used = layout(pos, reset, real, b, NC)
     args = (outer, W0, state, q, k, v, log_ret, lr, log_mom, gamma, extra, pos, reset, real,
             reset_to)
 
     def fast(a):
-        return _chunked(rule, *a[:-1], NC, a[-1])
+        return _chunked(rule, form, *a[:-1], NC, a[-1])
 
     def slow(a):
         o, w0, st, q_, k_, v_, lrt, lr_, lm, g, e, p, r, m, rt = a
@@ -144,7 +203,7 @@ def neural_memory(rule: ref.MemoryRule, outer, W0, state: ref.MemoryState, q, k,
     return jax.lax.cond(jnp.all(used <= NC), fast, slow, args)
 
 
-def _chunked(rule, outer, W0, state, q, k, v, log_ret, lr, log_mom, gamma, extra, pos, reset,
+def _chunked(rule, form, outer, W0, state, q, k, v, log_ret, lr, log_mom, gamma, extra, pos, reset,
              real, NC, reset_to=None):
     B, T, H, dk = q.shape
     b, c = rule.chunk, rule.window
@@ -185,7 +244,7 @@ def _chunked(rule, outer, W0, state, q, k, v, log_ret, lr, log_mom, gamma, extra
     edoc = jnp.zeros((B, E), jnp.int32).at[bidx, eslot].set(doc, mode="drop")
 
     rW, rS, rA = ref.reset_target(W0, state, reset_to)
-    per_head = jax.vmap(lambda *a: _head_chunks(rule, *a),
+    per_head = jax.vmap(lambda *a: _head_chunks(rule, form, *a),
                         in_axes=(0,) * 7 + (1,) * 5 + (None,) * 2 + (1,) * 3 + (None,) * 4,
                         out_axes=(1, 0, 0, 0))
     per_row = jax.vmap(per_head, in_axes=(None,) + (0,) * 20)

@@ -86,6 +86,33 @@ class MemoryRule:
         return jnp.ones_like(lr), -lr
 
 
+@dataclass(frozen=True)
+class Layered:
+    """Declares a memory network as a chain of bias-free linear layers, so that the chunked form
+    can read by the dual form (titans.md §2.8) instead of materialising per-token weights:
+
+        x_1 = x,  z_l = x_l W[name_l],  x_{l+1} = act(z_l),  y = head(outer, z_L, x)
+
+    `names`: the weight keys in order (None: "w1", ..., "wL" for the L leaves of W); `act`:
+    elementwise (None: identity); `head(outer, z_L, x) -> y` (None: y = z_L). The memory_fn that
+    carries it (as its `layered` attribute) must compute exactly this function."""
+    names: tuple[str, ...] | None = None
+    act: Callable | None = None
+    head: Callable | None = None
+
+    def keys(self, W) -> tuple[str, ...]:
+        return self.names or tuple(f"w{i}" for i in range(1, len(W) + 1))
+
+
+def layered_of(rule: "MemoryRule") -> Layered | None:
+    """The dual-form description of the rule's memory, when the chunked form may use it: a
+    layered memory network, no update transform and no link (both act on whole weights)."""
+    lay = getattr(rule.memory_fn, "layered", None)
+    if lay is None or rule.transform_fn is not None or rule.link_fn is not None:
+        return None
+    return lay
+
+
 @struct.dataclass
 class MemoryState:
     """W, S, anchor: pytrees with leaves [B, H, ...]. Window buffer of the last c-1 tokens (oldest
