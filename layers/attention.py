@@ -78,6 +78,28 @@ def cache_write(cache: KVCache, k: Array, v: Array, pos: Array, doc: Array, mask
         idx=cache.idx + n_real)
 
 
+def call_positions(state: KVCache, mask, segment_ids, B: int, T: int):
+    """(real mask [B, T], positions [B, T], document ids [B, T], next position [B]) of a call
+    that continues `state`: positions restart at document starts (packed rows), document ids
+    count on from the cache's."""
+    mask = real_mask(mask, B, T)
+    starts = doc_starts(segment_ids, B, T)
+    pos, dcount, next_pos = token_positions(state.pos, starts, mask)
+    return mask, pos, state.doc[:, None] + dcount, next_pos
+
+
+def cached_keys(state: KVCache, k, v, pos, doc, mask, fresh: bool):
+    """(keys, values, positions, document ids, validity) a call attends over: the cache's slots
+    followed by this call's tokens, or this call's alone when nothing was cached (`fresh`)."""
+    if fresh:
+        return k, v, pos, doc, mask
+    return (jnp.concatenate([state.k.astype(k.dtype), k], axis=1),
+            jnp.concatenate([state.v.astype(v.dtype), v], axis=1),
+            jnp.concatenate([state.slot_pos, pos], axis=1),
+            jnp.concatenate([state.slot_doc, doc], axis=1),
+            jnp.concatenate([state.slot_pos >= 0, mask], axis=1))
+
+
 class Attention(nnx.Module):
     """Causal multi-head attention (GQA when n_kv_heads < n_heads) with an optional window.
 
@@ -116,10 +138,7 @@ class Attention(nnx.Module):
         fresh = state is None
         if fresh:
             state = self.init_state(B)
-        mask = real_mask(mask, B, T)
-        starts = doc_starts(segment_ids, B, T)
-        pos, dcount, next_pos = token_positions(state.pos, starts, mask)
-        doc = state.doc[:, None] + dcount
+        mask, pos, doc, next_pos = call_positions(state, mask, segment_ids, B, T)
         q = self.wq(x).reshape(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).reshape(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).reshape(B, T, self.n_kv_heads, self.head_dim)
@@ -127,14 +146,7 @@ class Attention(nnx.Module):
             q = apply_rope(q, pos, base=self.rope_base)
             k = apply_rope(k, pos, base=self.rope_base)
         new_state = cache_write(state, k, v, pos, doc, mask, next_pos, self.window)
-        if fresh:  # nothing cached: attend over this call's keys only
-            ks, vs, kpos, kdoc, kval = k, v, pos, doc, mask
-        else:
-            ks = jnp.concatenate([state.k.astype(k.dtype), k], axis=1)
-            vs = jnp.concatenate([state.v.astype(v.dtype), v], axis=1)
-            kpos = jnp.concatenate([state.slot_pos, pos], axis=1)
-            kdoc = jnp.concatenate([state.slot_doc, doc], axis=1)
-            kval = jnp.concatenate([state.slot_pos >= 0, mask], axis=1)
+        ks, vs, kpos, kdoc, kval = cached_keys(state, k, v, pos, doc, mask, fresh)
         kalw, kbias = None, None
         if extra_kv is not None:
             ek, ev, eb = extra_kv

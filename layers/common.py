@@ -90,3 +90,12 @@ def last_real_index(mask: Array) -> Array:
 
 def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def call_flags(pos, mask, segment_ids, B: int, T: int):
+    """(real mask [B, T], document starts [B, T], next position [B]) of a mixer call that
+    continues at positions `pos` [B] (the prologue of every recurrent mixer)."""
+    real = real_mask(mask, B, T)
+    starts = doc_starts(segment_ids, B, T)
+    _, _, next_pos = token_positions(pos, starts, real)
+    return real, starts, next_pos

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from layers.common import doc_starts, dropout, param, real_mask, token_positions
+from layers.common import call_flags, dropout, param
 from layers.linear import Dense
 
 Array = jax.Array
@@ -363,9 +363,7 @@ class LSSLMixer(nnx.Module):
                  context=None, deterministic: bool = True, key=None):
         B, T, _ = x.shape
         state = self.init_state(B) if state is None else state
-        m = real_mask(mask, B, T)
-        starts = doc_starts(segment_ids, B, T)
-        _, _, next_pos = token_positions(state.pos, starts, m)
+        m, starts, next_pos = call_flags(state.pos, mask, segment_ids, B, T)
         y, xs = lssl_ssm(self.arrays(), x, state.x, m, starts & m,
                          discretization=self.discretization, rate=self.rate,
                          learn_A=self.learn_A, learn_dt=self.learn_dt, impl=self.impl,

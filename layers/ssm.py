@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.common import doc_starts, param, real_mask, token_positions, uniform
+from layers.common import call_flags, param, uniform
 from layers.conv import CausalConv1d, causal_conv1d
 from layers.linear import Dense
 from layers.norms import GatedRMSNorm, gated_rms_norm
@@ -138,9 +138,7 @@ class MambaMixer(nnx.Module):
                  context=None, deterministic: bool = True, key=None):
         B, T, _ = x.shape
         state = self.init_state(B) if state is None else state
-        m = real_mask(mask, B, T)
-        starts = doc_starts(segment_ids, B, T)
-        _, _, next_pos = token_positions(state.pos, starts, m)
+        m, starts, next_pos = call_flags(state.pos, mask, segment_ids, B, T)
         y, new = mamba_mixer(self.arrays(), x, state, m, starts, d_state=self.d_state,
                              dt_rank=self.dt_rank, exact_zoh=self.exact_zoh, impl=self.impl,
                              chunk=self.chunk)
@@ -232,9 +230,7 @@ class Mamba2Mixer(nnx.Module):
                  context=None, deterministic: bool = True, key=None):
         B, T, _ = x.shape
         state = self.init_state(B) if state is None else state
-        m = real_mask(mask, B, T)
-        starts = doc_starts(segment_ids, B, T)
-        _, _, next_pos = token_positions(state.pos, starts, m)
+        m, starts, next_pos = call_flags(state.pos, mask, segment_ids, B, T)
         y, new = mamba2_mixer(self.arrays(), x, state, m, starts, n_heads=self.n_heads,
                               n_groups=self.n_groups, d_state=self.d_state, eps=self.norm_eps,
                               dt_limit=self.dt_limit, impl=self.impl, chunk=self.chunk)

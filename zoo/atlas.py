@@ -376,32 +376,21 @@ class DeepTransformerMixer(nnx.Module):
 
     def __call__(self, x, state=None, *, mask=None, segment_ids=None, context=None,
                  deterministic: bool = True, key=None):
-        from layers.attention import cache_write
-        from layers.common import doc_starts, real_mask, token_positions
+        from layers.attention import cache_write, cached_keys, call_positions
         from pallas_kernels.attention import attention as attention_op
         B, T, _ = x.shape
         H, d = self.cfg.n_heads, self.cfg.hd
         fresh = state is None
         if fresh:
             state = self.init_state(B)
-        mask = real_mask(mask, B, T)
-        starts = doc_starts(segment_ids, B, T)
-        pos, dcount, next_pos = token_positions(state.pos, starts, mask)
-        doc = state.doc[:, None] + dcount
+        mask, pos, doc, next_pos = call_positions(state, mask, segment_ids, B, T)
         q, k, v, log_eta = self.qkv(x, pos)
         s = d ** -0.5
         qa = jnp.concatenate([q.astype(jnp.float32), jnp.full((B, T, H, 1), 1.0 / s)], -1)
         ka = jnp.concatenate([k.astype(jnp.float32), log_eta[..., None]], -1)
         va = jnp.concatenate([v.astype(jnp.float32), jnp.zeros((B, T, H, 1))], -1)
         new_state = cache_write(state, ka, va, pos, doc, mask, next_pos, self.attn_window)
-        if fresh:
-            ks, vs, kpos, kdoc, kval = ka, va, pos, doc, mask
-        else:
-            ks = jnp.concatenate([state.k.astype(ka.dtype), ka], axis=1)
-            vs = jnp.concatenate([state.v.astype(va.dtype), va], axis=1)
-            kpos = jnp.concatenate([state.slot_pos, pos], axis=1)
-            kdoc = jnp.concatenate([state.slot_doc, doc], axis=1)
-            kval = jnp.concatenate([state.slot_pos >= 0, mask], axis=1)
+        ks, vs, kpos, kdoc, kval = cached_keys(state, ka, va, pos, doc, mask, fresh)
         o = attention_op(qa, ks, vs, q_pos=pos, k_pos=kpos, q_group=doc, k_group=kdoc,
                          k_valid=kval, causal=True, window=self.attn_window, scale=s,
                          impl=self.cfg.attn_impl, block_k=self.cfg.attn_block)
