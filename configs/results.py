@@ -35,7 +35,7 @@ MODELS = {
     "transformer": dict(n_heads=2, ffn="swiglu", max_len=512),
     "mamba": dict(d_state=16),
     "mamba2": dict(d_state=32, head_dim=32),
-    "lssl": dict(),
+    "lssl": dict(d_state=64),
     "titans_lmm": dict(n_heads=4, chunk=8),
     "atlas": dict(n_heads=8, chunk=8, window=8, memory="linear"),
     "omeganet": dict(n_heads=8, chunk=8, window=8, memory="linear"),

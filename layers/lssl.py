@@ -98,11 +98,40 @@ def structured_A(p: Array, q: Array, dg: Array, t_diag: Array, t_sub: Array,
     """The dense A = -diag(p) (diag(dg) + T^{-1}) diag(q) (a solve, not an explicit inverse)."""
     p, q, dg, t_diag, t_sub, t_sup = _ft(p, q, dg, t_diag, t_sub, t_sup)
     T = jnp.diag(t_diag) + jnp.diag(t_sub, -1) + jnp.diag(t_sup, 1)
-    Tinv = jnp.linalg.solve(T, jnp.eye(T.shape[0], dtype=T.dtype))
+    Tinv = solve(T, jnp.eye(T.shape[0], dtype=T.dtype))
     return -(p[:, None] * (jnp.diag(dg) + Tinv) * q[None, :])
 
 
 # ----------------------------------------------------------------------------- discretisation
+
+def inverse(M: Array) -> Array:
+    """M^{-1} for every matrix (last two axes) by Gauss-Jordan elimination with partial pivoting,
+    in plain XLA ops. Used instead of `jnp.linalg.solve` in this module: XLA:CPU's thunk runtime
+    of jaxlib 0.10.2 deadlocks when LAPACK solves of two layers may run concurrently (measured:
+    a 2-layer bilinear LSSL with d_state >= 32 never finished a step; 1 layer or ZOH did)."""
+    N = M.shape[-1]
+    rows = jnp.arange(N)
+    aug = jnp.concatenate([M, jnp.broadcast_to(jnp.eye(N, dtype=M.dtype), M.shape)], -1)
+
+    def step(k, aug):
+        col = jnp.abs(aug[..., :, k])
+        piv = jnp.argmax(jnp.where(rows >= k, col, -1.0), axis=-1)[..., None]  # [..., 1]
+        idx = jnp.where(rows == k, piv, jnp.where(rows == piv, k, rows))
+        aug = jnp.take_along_axis(aug, idx[..., None], axis=-2)
+        prow = aug[..., k, :] / aug[..., k, k][..., None]
+        aug = aug - aug[..., :, k][..., None] * prow[..., None, :]
+        return aug.at[..., k, :].set(prow)
+
+    return jax.lax.fori_loop(0, N, step, aug)[..., N:]
+
+
+def solve(lhs: Array, rhs: Array) -> Array:
+    """lhs^{-1} rhs with exact first derivatives (d lhs^{-1} = -lhs^{-1} d lhs lhs^{-1}) and the
+    elimination itself kept out of the backward pass."""
+    inv = jax.lax.stop_gradient(inverse(lhs))
+    x = inv @ rhs
+    return x - inv @ ((lhs - jax.lax.stop_gradient(lhs)) @ jax.lax.stop_gradient(x))
+
 
 @functools.partial(jax.jit, static_argnames=("alpha",))
 def gbt(A: Array, Bv: Array, dt: Array, alpha: float = 0.5) -> tuple[Array, Array]:
@@ -114,8 +143,8 @@ def gbt(A: Array, Bv: Array, dt: Array, alpha: float = 0.5) -> tuple[Array, Arra
     eye = jnp.eye(N, dtype=A.dtype)
     dA = dt[:, None, None] * A
     lhs = eye - alpha * dA
-    Abar = jnp.linalg.solve(lhs, eye + (1.0 - alpha) * dA)
-    Bbar = jnp.linalg.solve(lhs, (dt[:, None] * Bv)[..., None])[..., 0]
+    X = solve(lhs, jnp.concatenate([eye + (1.0 - alpha) * dA, (dt[:, None] * Bv)[..., None]], -1))
+    Abar, Bbar = X[..., :N], X[..., N]
     return Abar, Bbar
 
 
