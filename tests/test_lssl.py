@@ -299,3 +299,21 @@ def test_zoh_discretisation_runs_through_the_layer():
         # ZOH B̄ solves A B̄ = (Ā - I) B
         np.testing.assert_allclose(jnp.einsum("nm,hm->hn", A, Bb),
                                    jnp.einsum("hnm,m->hn", Ab - jnp.eye(4), B), atol=1e-12)
+
+
+def test_gauss_jordan_solve_matches_lapack_with_pivoting_and_gradients():
+    """`layers.lssl.solve` (plain-XLA Gauss-Jordan, used because XLA:CPU deadlocked on
+    concurrent LAPACK solves) equals jnp.linalg.solve in value and first derivatives, also for
+    matrices that need row pivoting (zero leading entries)."""
+    from layers.lssl import inverse, solve
+    with jax.enable_x64():
+        k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+        M = jax.random.normal(k1, (3, 6, 6), jnp.float64)
+        M = M.at[0, 0, 0].set(0.0).at[1, :2, :2].set(0.0)  # pivots needed
+        R = jax.random.normal(k2, (3, 6, 4), jnp.float64)
+        W = jax.random.normal(k3, (3, 6, 4), jnp.float64)
+        np.testing.assert_allclose(inverse(M) @ M, np.broadcast_to(np.eye(6), M.shape), atol=1e-11)
+        np.testing.assert_allclose(solve(M, R), jnp.linalg.solve(M, R), rtol=1e-10, atol=1e-11)
+        f = lambda fn: jax.grad(lambda m, r: jnp.sum(jnp.sin(fn(m, r)) * W), argnums=(0, 1))(M, R)
+        for a, b in zip(f(solve), f(jnp.linalg.solve)):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
