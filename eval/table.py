@@ -139,12 +139,17 @@ def _models_of(table, task, models):
 def write_markdown(path, table, models, tasks, a):
     import jax
     lines = ["# Results at a small training budget", "",
-             "Every number below was measured by one command, run outside CI on "
+             "Every number below was measured by this command, run outside CI on "
              f"{jax.device_count()} × {jax.devices()[0].device_kind}:", "",
              f"    python -m eval.table --models={','.join(models)} --tasks={','.join(tasks)}", "",
+             "It is resumable: a cell whose run already holds its final checkpoint is evaluated, "
+             "not retrained (its recorded training wall time is kept), so the cells may have been "
+             "trained by earlier invocations over subsets of the models.", "",
              "Budget and settings: `configs/results.py` (width 128, 2 layers, same optimiser, "
              "batch and steps for every model within a task). Training wall times are on a "
-             "shared 2-core CPU: compare them within this table only.", ""]
+             "shared 2-core CPU: compare them within this table only. Which (task, model) cells "
+             "are trained, and each model's settings and why, are in the docstring of "
+             "`configs/results.py` (`PAIRS`).", ""]
     if "mqar" in tasks:
         lines += ["## MQAR (8 key-value pairs, T = 64, vocabulary 128; 512 held-out examples)", "",
                   "| model | params | MQAR acc | exact | train wall (s) |", "|---|---|---|---|---|"]
