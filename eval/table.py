@@ -136,6 +136,19 @@ def _models_of(table, task, models):
     return [m for m in models if (task, m) in table]
 
 
+def _section(table, task, models, title, columns: dict) -> list[str]:
+    """A markdown section with one row per model: params, the result `columns` (header ->
+    (task, setting, metric) key) and the training wall time."""
+    heads = ["model", "params", *columns, "train wall (s)"]
+    lines = [f"## {title}", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for m in _models_of(table, task, models):
+        i = table[(task, m)]
+        cells = [m, f"{i.get('params', '—'):,}", *(_fmt(i.get(k)) for k in columns.values()),
+                 _fmt(i.get("wall"), 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_markdown(path, table, models, tasks, a):
     import jax
     lines = ["# Results at a small training budget", "",
@@ -151,13 +164,10 @@ def write_markdown(path, table, models, tasks, a):
              "are trained, and each model's settings and why, are in the docstring of "
              "`configs/results.py` (`PAIRS`).", ""]
     if "mqar" in tasks:
-        lines += ["## MQAR (8 key-value pairs, T = 64, vocabulary 128; 512 held-out examples)", "",
-                  "| model | params | MQAR acc | exact | train wall (s) |", "|---|---|---|---|---|"]
-        for m in _models_of(table, "mqar", models):
-            i = table[("mqar", m)]
-            lines.append(f"| {m} | {i.get('params', '—'):,} | {_fmt(i.get(('mqar', 'len=64,kv=8', 'acc')))} | "
-                         f"{_fmt(i.get(('mqar', 'len=64,kv=8', 'exact')))} | {_fmt(i.get('wall'), 0)} |")
-        lines.append("")
+        lines += _section(table, "mqar", models,
+                          "MQAR (8 key-value pairs, T = 64, vocabulary 128; 512 held-out examples)",
+                          {"MQAR acc": ("mqar", "len=64,kv=8", "acc"),
+                           "exact": ("mqar", "len=64,kv=8", "exact")})
     if "passkey" in tasks:
         lines += ["## Passkey retrieval (token format, trained at T = 128; exact match over depths 0, 0.5, 1; 32 examples each)", "",
                   "| model | params | T=128 | T=256 | T=512 | train wall (s) |", "|---|---|---|---|---|---|"]
@@ -172,13 +182,10 @@ def write_markdown(path, table, models, tasks, a):
             lines.append(f"| {m} | {i.get('params', '—'):,} | {' | '.join(cells)} | {_fmt(i.get('wall'), 0)} |")
         lines.append("")
     if "text" in tasks:
-        lines += ["## Byte-level tinyshakespeare (T = 128; held-out last 10 %)", "",
-                  "| model | params | val bits/byte | val loss (nats) | train wall (s) |", "|---|---|---|---|---|"]
-        for m in _models_of(table, "text", models):
-            i = table[("text", m)]
-            lines.append(f"| {m} | {i.get('params', '—'):,} | {_fmt(i.get(('ppl', 'split=val', 'bpb')))} | "
-                         f"{_fmt(i.get(('ppl', 'split=val', 'loss')))} | {_fmt(i.get('wall'), 0)} |")
-        lines.append("")
+        lines += _section(table, "text", models,
+                          "Byte-level tinyshakespeare (T = 128; held-out last 10 %)",
+                          {"val bits/byte": ("ppl", "split=val", "bpb"),
+                           "val loss (nats)": ("ppl", "split=val", "loss")})
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(lines))

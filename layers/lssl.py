@@ -95,7 +95,7 @@ def structured_init(measure: str, N: int, legt_scale: float = 0.5) -> dict[str, 
 @jax.jit
 def structured_A(p: Array, q: Array, dg: Array, t_diag: Array, t_sub: Array,
                  t_sup: Array) -> Array:
-    """The dense A = -diag(p) (diag(dg) + T^{-1}) diag(q) (a solve, not an explicit inverse)."""
+    """The dense A = -diag(p) (diag(dg) + T^{-1}) diag(q) (T^{-1} by `solve`, below)."""
     p, q, dg, t_diag, t_sub, t_sup = _ft(p, q, dg, t_diag, t_sub, t_sup)
     T = jnp.diag(t_diag) + jnp.diag(t_sub, -1) + jnp.diag(t_sup, 1)
     Tinv = solve(T, jnp.eye(T.shape[0], dtype=T.dtype))

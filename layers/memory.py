@@ -96,11 +96,15 @@ def mlp_memory(outer, W, x, *, act: Callable = jax.nn.gelu, residual: bool = Tru
         h = h @ W[f"w{i}"]
         if i < L:
             h = act(h)
+    return mlp_head(outer, h, x, residual=residual, layer_norm_eps=layer_norm_eps)
+
+
+def mlp_head(outer, z, x, *, residual: bool = True, layer_norm_eps: float | None = 1e-5):
+    """The part of `mlp_memory` after its last linear layer: LayerNorm (outer affine), then the
+    residual of the first dv coordinates of the input x."""
     if layer_norm_eps is not None:
-        h = _memory_layer_norm(h, outer["ln_w"], outer["ln_b"], layer_norm_eps)
-    if residual:
-        h = h + x[..., : h.shape[-1]]
-    return h
+        z = _memory_layer_norm(z, outer["ln_w"], outer["ln_b"], layer_norm_eps)
+    return z + x[..., : z.shape[-1]] if residual else z
 
 
 def _memory_layer_norm(x, w, b, eps):
@@ -224,10 +228,7 @@ class _MLPMemory:
                           layer_norm_eps=self.ln_eps)
 
     def head(self, outer, z, x):
-        """The part of `mlp_memory` after the last linear layer."""
-        if self.ln_eps is not None:
-            z = _memory_layer_norm(z, outer["ln_w"], outer["ln_b"], self.ln_eps)
-        return z + x[..., : z.shape[-1]] if self.residual else z
+        return mlp_head(outer, z, x, residual=self.residual, layer_norm_eps=self.ln_eps)
 
     @property
     def layered(self) -> Layered:

@@ -147,6 +147,7 @@ def _head_chunks(rule: ref.MemoryRule, form: str, outer, rW, rS, rA, W, S, anc, 
     lay = ref.layered_of(rule) if form != "materialised" else None
     if form == "dual" and lay is None:
         raise ValueError("form='dual' needs a layered memory without transform or link")
+    chunk_fn = _materialised_chunk if lay is None else functools.partial(_dual_chunk, lay)
 
     def body(carry, inp):
         Wc, Sc, ac = carry
@@ -160,7 +161,6 @@ def _head_chunks(rule: ref.MemoryRule, form: str, outer, rW, rS, rA, W, S, anc, 
         E = jnp.exp(jnp.cumsum(lmom_c))
         PA = jnp.exp(segsum(lret_c)) * cout[None, :]
         A = jnp.exp(jnp.cumsum(lret_c))
-        chunk_fn = _materialised_chunk if lay is None else functools.partial(_dual_chunk, lay)
         y, W_end, S_end = chunk_fn(rule, outer, Wc, Sc, ac, qc, sk, sv, sx, G, PE, E, PA, A)
         ac = ref._tree_where(cp, W_end, ac)
         return (W_end, S_end, ac), y
