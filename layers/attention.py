@@ -112,12 +112,12 @@ class Attention(nnx.Module):
                  rngs: nnx.Rngs, rope_base: float | None = 10000.0, window: int | None = None,
                  max_len: int = 2048, qkv_bias: bool = False, out_bias: bool = False,
                  init: str = "normal", std: float = 0.02, out_std: float | None = None,
-                 attn_dropout: float = 0.0, impl: str = "auto", block_k: int = 128):
+                 attn_dropout: float = 0.0, impl: str = "auto", block: int = 128):
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.rope_base, self.window, self.max_len = rope_base, window, max_len
-        self.attn_dropout, self.impl, self.block_k = attn_dropout, impl, block_k
+        self.attn_dropout, self.impl, self.block = attn_dropout, impl, block
         mk = lambda o, ax: Dense(dim, o, rngs=rngs, use_bias=qkv_bias, axes=ax, init=init, std=std)
         self.wq = mk(n_heads * head_dim, ("embed", "heads"))
         self.wk = mk(n_kv_heads * head_dim, ("embed", "kv_heads"))
@@ -164,7 +164,7 @@ class Attention(nnx.Module):
         drop_key = None if deterministic else key
         o = attention_op(q, ks, vs, q_pos=pos, k_pos=kpos, q_group=doc, k_group=kdoc,
                          k_valid=kval, k_always=kalw, k_bias=kbias, causal=True,
-                         window=self.window, impl=self.impl, block_k=self.block_k,
+                         window=self.window, impl=self.impl, block=self.block,
                          dropout_rate=self.attn_dropout, dropout_key=drop_key)
         y = self.wo(o.reshape(B, T, self.n_heads * self.head_dim))
         return y, new_state, {}

@@ -8,7 +8,7 @@ import pytest
 
 from pallas_kernels.gated_delta import gated_delta as _gd
 
-gated_delta = jax.jit(_gd, static_argnames=("scale", "impl", "chunk"))
+gated_delta = jax.jit(_gd, static_argnames=("scale", "impl", "block"))
 
 
 def _inputs(key, B, T, H, dk, dv, dtype=jnp.float32, init=True):
@@ -47,7 +47,7 @@ def test_chunked_equals_reference_float64(T, chunk, init):
 
         def run(impl, q, k, v, g, beta, S0):
             return gated_delta(q, k, v, g, beta, scale=0.5, initial_state=S0, impl=impl,
-                               chunk=chunk)
+                               block=chunk)
 
         o_r, S_r = jax.jit(lambda *a: run("reference", *a))(*args)
         o_c, S_c = jax.jit(lambda *a: run("chunked", *a))(*args)
@@ -71,17 +71,17 @@ def test_chunked_equals_reference_float64(T, chunk, init):
 def test_chunked_equals_reference_float32():
     args = _inputs(jax.random.key(3), 2, 19, 2, 8, 8)
     o_r, S_r = gated_delta(*args[:5], scale=1.0, initial_state=args[5], impl="reference")
-    o_c, S_c = gated_delta(*args[:5], scale=1.0, initial_state=args[5], impl="chunked", chunk=8)
+    o_c, S_c = gated_delta(*args[:5], scale=1.0, initial_state=args[5], impl="chunked", block=8)
     np.testing.assert_allclose(o_c, o_r, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(S_c, S_r, rtol=1e-4, atol=1e-4)
 
 
 def test_split_continues_with_state():
     q, k, v, g, beta, S0 = _inputs(jax.random.key(4), 1, 15, 1, 4, 4)
-    o, S = gated_delta(q, k, v, g, beta, scale=1.0, initial_state=S0, impl="chunked", chunk=4)
+    o, S = gated_delta(q, k, v, g, beta, scale=1.0, initial_state=S0, impl="chunked", block=4)
     o1, S1 = gated_delta(q[:, :6], k[:, :6], v[:, :6], g[:, :6], beta[:, :6], scale=1.0,
-                         initial_state=S0, impl="chunked", chunk=4)
+                         initial_state=S0, impl="chunked", block=4)
     o2, S2 = gated_delta(q[:, 6:], k[:, 6:], v[:, 6:], g[:, 6:], beta[:, 6:], scale=1.0,
-                         initial_state=S1, impl="chunked", chunk=4)
+                         initial_state=S1, impl="chunked", block=4)
     np.testing.assert_allclose(jnp.concatenate([o1, o2], 1), o, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(S2, S, rtol=1e-5, atol=1e-5)

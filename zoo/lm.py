@@ -138,6 +138,42 @@ class CausalLM(nnx.Module):
         return self.logits(h), {"pos": next_pos, "layers": new_states}, aux
 
 
+def build_lm(blocks: Sequence[nnx.Module] | Callable[[], Sequence[nnx.Module]], *, vocab_size: int,
+             dim: int, final_norm: nnx.Module, rngs: nnx.Rngs, tie_embeddings: bool = True,
+             init: str = "normal", init_std: float = 0.02, learned_positions: int | None = None,
+             positions_std: float | None = None, embed_dropout: float = 0.0,
+             compute_dtype: str = "float32", remat: str = "none",
+             aux_terms: Callable[[Mapping[str, Array]], dict[str, Array]] | None = None) -> CausalLM:
+    """The one causal-LM assembly: token embedding N(0, init_std) (init "torch": the
+    U(+-1/sqrt(D)) of PyTorch's Linear), optional learned positions (`learned_positions` = their
+    table length, the hard length limit), `blocks`, `final_norm`, and the head: tied to the
+    embedding, or an untied Dense [D, V]. `blocks` may be a callable, called after the
+    embedding and positions are drawn (the Transformer's parameter order)."""
+    embed = Embed(vocab_size, dim, rngs=rngs, init="normal" if init == "normal" else "torch_linear",
+                  std=init_std)
+    positions = None
+    if learned_positions is not None:
+        positions = LearnedPositions(learned_positions, dim, rngs=rngs,
+                                     std=init_std if positions_std is None else positions_std)
+    head = None if tie_embeddings else Dense(dim, vocab_size, rngs=rngs, axes=("embed", "vocab"),
+                                             init=init, std=init_std)
+    blocks = list(blocks() if callable(blocks) else blocks)
+    return CausalLM(embed=embed, blocks=blocks, final_norm=final_norm, head=head,
+                    positions=positions, embed_dropout=embed_dropout, max_len=learned_positions,
+                    compute_dtype=compute_dtype, remat=remat, aux_terms=aux_terms)
+
+
+def lm_param_count(blocks: int | Sequence[int], *, vocab_size: int, dim: int,
+                   tie_embeddings: bool = True, final_norm: int | None = None,
+                   learned_positions: int | None = None) -> int:
+    """Parameters of a `build_lm` model: embedding (and untied head), learned positions, the
+    blocks' counts (one int each, or their sum) and the final norm (default: RMSNorm, `dim`)."""
+    total = blocks if isinstance(blocks, int) else sum(blocks)
+    total += vocab_size * dim * (1 if tie_embeddings else 2)
+    total += (learned_positions or 0) * dim
+    return total + (dim if final_norm is None else final_norm)
+
+
 def remat_policy(name: str):
     policies = {
         "full": None,

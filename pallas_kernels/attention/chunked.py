@@ -1,6 +1,6 @@
 """Blockwise (flash-style) attention in plain XLA: a scan over key blocks with an online softmax.
 
-Memory is O(T * block_k) per head instead of O(T * S); the scan body is rematerialised in the
+Memory is O(T * block) per head instead of O(T * S); the scan body is rematerialised in the
 backward pass, so the gradient does not store the score matrix either. Same masks and same
 function as `reference.attention` (the block size never changes the result beyond rounding).
 """
@@ -17,12 +17,12 @@ Array = jax.Array
 def attention(q: Array, k: Array, v: Array, *, q_pos: Array, k_pos: Array, q_group: Array,
               k_group: Array, k_valid: Array, k_always: Array | None = None,
               k_bias: Array | None = None, causal: bool = True, window: int | None = None,
-              scale: float | None = None, block_k: int = 128) -> Array:
+              scale: float | None = None, block: int = 128) -> Array:
     B, T, H, d = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     rep = H // Hkv
     scale = d ** -0.5 if scale is None else scale
-    bk = min(block_k, S)
+    bk = min(block, S)
     n = -(-S // bk)
     pad = n * bk - S
     if k_always is None:

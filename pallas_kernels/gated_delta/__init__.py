@@ -1,25 +1,24 @@
 """The shared gated-delta-rule op (specs/mom.md contract notes): `gated_delta(..., impl=...)`.
 
-Used by MoM, DeltaNet and the Titans/ATLAS reduction tests. impl: "reference" (token scan),
-"chunked" (UT-transform chunks, `chunk` is an implementation parameter), "pallas" /
-"pallas_interpret" (kernel slot: not written yet, falls back to "chunked" with one logged
-warning), "auto" (reference for single-token steps, chunked otherwise).
+Used by MoM, DeltaNet and the Titans/ATLAS reduction tests. impl (`pallas_kernels.impl.Impl`):
+reference (token scan), chunked (UT-transform chunks of `block` tokens, an implementation
+parameter), auto (reference for single-token steps, chunked otherwise). No Pallas kernel yet:
+requesting one is an error.
 """
 from __future__ import annotations
 
-from pallas_kernels import _dispatch
 from pallas_kernels.gated_delta import chunked, reference
+from pallas_kernels.impl import Impl, register_op, resolve
 
-IMPLS = ("auto", "reference", "chunked", "pallas", "pallas_interpret")
+AVAILABLE = register_op("gated_delta", (Impl.REFERENCE, Impl.CHUNKED))
 
 
-def gated_delta(q, k, v, g, beta, *, scale: float, initial_state=None, impl: str = "auto",
-                chunk: int = 64):
+def gated_delta(q, k, v, g, beta, *, scale: float, initial_state=None, impl: str | Impl = "auto",
+                block: int = 64):
     """o [B, T, H, dv], final state [B, H, dk, dv]; see `reference.gated_delta`."""
-    impl = _dispatch.resolve("gated_delta", impl, IMPLS, available=("reference", "chunked"))
-    if impl == "auto":
-        impl = "reference" if q.shape[1] == 1 else "chunked"
-    if impl == "reference":
+    impl = resolve("gated_delta", impl,
+                   auto=lambda: Impl.REFERENCE if q.shape[1] == 1 else Impl.CHUNKED)
+    if impl is Impl.REFERENCE:
         return reference.gated_delta(q, k, v, g, beta, scale=scale, initial_state=initial_state)
     return chunked.gated_delta(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                               chunk=chunk)
+                               block=block)

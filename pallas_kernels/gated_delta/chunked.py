@@ -6,9 +6,9 @@ with pseudo-values u solving the unit lower-triangular system
     (I + diag(beta) strict_tril(D * K K^T)) u = diag(beta) (V - diag(e^G) K S0),
     D[t, i] = exp(G_t - G_i)  (masked segment sums, never ratios of cumulative products),
 outputs o_t = scale (e^{G_t} q_t S0 + sum_{i<=t} D[t, i] (q_t . k_i) u_i), and the chunk-end state
-from the last row. A scan runs over ceil(T / chunk) chunks; ragged lengths are padded with
-inert tokens (g = 0, beta = 0), which leave the state unchanged. `chunk` is an implementation
-parameter: every value gives the same function.
+from the last row. A scan runs over ceil(T / block) chunks; ragged lengths are padded with
+inert tokens (g = 0, beta = 0), which leave the state unchanged. `block` (the chunk length) is an
+implementation parameter: every value gives the same function.
 """
 from __future__ import annotations
 
@@ -16,26 +16,17 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
-from pallas_kernels.gated_delta.reference import _ft
+from pallas_kernels.common import float_type, segsum
 
 Array = jax.Array
 
 
-def _segsum(x):
-    """[..., n] -> [..., n, n]: L[t, i] = sum_{i < j <= t} x_j (t >= i), -inf above."""
-    n = x.shape[-1]
-    t = jnp.arange(n)[:, None]
-    i = jnp.arange(n)[None, :]
-    z = jnp.where(t > i, x[..., :, None], 0.0)
-    return jnp.where(t >= i, jnp.cumsum(z, axis=-2), -jnp.inf)
-
-
 def gated_delta(q: Array, k: Array, v: Array, g: Array, beta: Array, *, scale: float,
-                initial_state: Array | None = None, chunk: int = 64) -> tuple[Array, Array]:
+                initial_state: Array | None = None, block: int = 64) -> tuple[Array, Array]:
     B, T, H, dk = q.shape
     dv = v.shape[-1]
-    dt = _ft(jnp.result_type(q, k, v, g, beta))
-    C = max(1, min(chunk, T))
+    dt = float_type(jnp.result_type(q, k, v, g, beta))
+    C = max(1, min(block, T))
     n = -(-T // C)
     pad = n * C - T
     # [B, H, n, C, ...]
@@ -55,7 +46,7 @@ def gated_delta(q: Array, k: Array, v: Array, g: Array, beta: Array, *, scale: f
     def body(S, inp):
         qq, kk, vv, gg, bb = inp  # [B, H, C, ...]
         G = jnp.cumsum(gg, axis=-1)
-        D = jnp.exp(_segsum(gg))  # [B, H, C, C]
+        D = jnp.exp(segsum(gg, fill=-jnp.inf))  # [B, H, C, C]
         eG = jnp.exp(G)
         KK = jnp.einsum("bhtk,bhik->bhti", kk, kk)
         A = eye + bb[..., None] * jnp.where(stril, D * KK, 0.0)

@@ -13,11 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import float_type
+
 Array = jax.Array
-
-
-def _ft(dtype):
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def gated_delta(q: Array, k: Array, v: Array, g: Array, beta: Array, *, scale: float,
@@ -27,7 +25,7 @@ def gated_delta(q: Array, k: Array, v: Array, g: Array, beta: Array, *, scale: f
     Returns o [B, T, H, dv] and the final state [B, H, dk, dv] (both in the compute dtype)."""
     B, T, H, dk = q.shape
     dv = v.shape[-1]
-    dt = _ft(jnp.result_type(q, k, v, g, beta))
+    dt = float_type(jnp.result_type(q, k, v, g, beta))
     S0 = (jnp.zeros((B, H, dk, dv), dt) if initial_state is None
           else initial_state.astype(dt))
 

@@ -31,20 +31,10 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import segsum, upcast
 from pallas_kernels.neural_memory import reference as ref
-from pallas_kernels.neural_memory.reference import fp
 
 Array = jax.Array
-
-
-def segsum(x: Array) -> Array:
-    """L[t, i] = sum_{i < j <= t} x_j for t >= i, -inf above the diagonal. x: [n]."""
-    n = x.shape[-1]
-    t = jnp.arange(n)[:, None]
-    i = jnp.arange(n)[None, :]
-    z = jnp.where(t > i, x[:, None], 0.0)
-    L = jnp.cumsum(z, axis=0)
-    return jnp.where(t >= i, L, -jnp.inf)
 
 
 def n_chunks(T: int, b: int, max_resets: int) -> int:
@@ -157,9 +147,9 @@ def _head_chunks(rule: ref.MemoryRule, form: str, outer, rW, rS, rA, W, S, anc, 
         ac = ref._tree_where(r, rA, ac)
         band = (off >= 0) & (off < c) & sval[None, :] & (sd[None, :] == doc_c[:, None])
         G = jnp.where(band, jnp.take_along_axis(gam_c, jnp.clip(off, 0, c - 1), axis=1), 0.0)
-        PE = jnp.exp(segsum(lmom_c)) * cin[None, :]
+        PE = jnp.exp(segsum(lmom_c, fill=-jnp.inf)) * cin[None, :]
         E = jnp.exp(jnp.cumsum(lmom_c))
-        PA = jnp.exp(segsum(lret_c)) * cout[None, :]
+        PA = jnp.exp(segsum(lret_c, fill=-jnp.inf)) * cout[None, :]
         A = jnp.exp(jnp.cumsum(lret_c))
         y, W_end, S_end = chunk_fn(rule, outer, Wc, Sc, ac, qc, sk, sv, sx, G, PE, E, PA, A)
         ac = ref._tree_where(cp, W_end, ac)
@@ -210,7 +200,7 @@ def _chunked(rule, form, outer, W0, state, q, k, v, log_ret, lr, log_mom, gamma,
     N = NC * b
     log_mom, gamma = ref.fill_defaults(rule, lr, log_mom, gamma)
     slot, doc, _ = layout(pos, reset, real, b, NC)
-    f32 = fp
+    f32 = upcast
     sc = lambda a: _scatter(a, slot, N)
     # inert slots (`live` False): no decay (log 0), no momentum decay, no write
     real_b = real[:, :, None]
@@ -232,7 +222,7 @@ def _chunked(rule, form, outer, W0, state, q, k, v, log_ret, lr, log_mom, gamma,
     E = c1 + N
 
     def ext(tok, buf):  # tok [B, T, H, ...], buf [B, H, c-1, ...] -> [B, E, H, ...]
-        dt = jnp.promote_types(fp(tok).dtype, buf.dtype)
+        dt = jnp.promote_types(upcast(tok).dtype, buf.dtype)
         out = jnp.zeros((B, E) + tok.shape[2:], dt)
         out = out.at[bidx, bslot].set(jnp.moveaxis(buf, 2, 1).astype(dt), mode="drop")
         return out.at[bidx, eslot].set(tok.astype(dt), mode="drop")

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from pallas_kernels.common import upcast
+
 Array = jax.Array
 PyTree = Any
 
@@ -135,11 +137,11 @@ def init_state(W0: PyTree, batch_size: int, dk: int, dv: int, window: int = 1,
     the head axis and dtype matter), or None.
     """
     H = jax.tree.leaves(W0)[0].shape[0]
-    W = jax.tree.map(lambda w: jnp.broadcast_to(fp(w), (batch_size,) + w.shape), W0)
+    W = jax.tree.map(lambda w: jnp.broadcast_to(upcast(w), (batch_size,) + w.shape), W0)
     S = jax.tree.map(jnp.zeros_like, W)
     c1 = window - 1
     dt = jax.tree.leaves(W)[0].dtype
-    wx = jax.tree.map(lambda e: jnp.zeros((batch_size, H, c1) + e.shape[3:], fp(e).dtype),
+    wx = jax.tree.map(lambda e: jnp.zeros((batch_size, H, c1) + e.shape[3:], upcast(e).dtype),
                       extra_proto) if extra_proto is not None else None
     return MemoryState(W=W, S=S, anchor=W, win_k=jnp.zeros((batch_size, H, c1, dk), dt),
                        win_v=jnp.zeros((batch_size, H, c1, dv), dt), win_extra=wx,
@@ -155,11 +157,6 @@ def source_grad(rule: MemoryRule, outer, W_eff, k, v, extra):
 def read(rule: MemoryRule, outer, W, q):
     """y = M_{link(W)}(q) for one head and one token (no write)."""
     return rule.memory_fn(outer, rule.link(outer, W), q)
-
-
-def fp(a):
-    """Cast to the inner-loop float type: float32, or float64 for float64 inputs."""
-    return a.astype(jnp.promote_types(a.dtype, jnp.float32))
 
 
 def _tree_where(c, a, b):
@@ -204,7 +201,7 @@ def _head_scan(rule: MemoryRule, outer, rW, rS, rA, W, S, anc, wk, wv, wx, wval,
         carry = jax.tree.map(lambda a, o: jnp.where(realt, a, o), new, old)
         return carry, jnp.where(realt, y, jnp.zeros_like(y))
 
-    f32 = fp
+    f32 = upcast
     xs = (f32(q), f32(k), f32(v), f32(lr), f32(log_ret), f32(log_mom), f32(gamma),
           jax.tree.map(f32, extra), pos, reset, real)
     carry, y = jax.lax.scan(step, (W, S, anc, wk, wv, wx, wval), xs)
@@ -215,8 +212,8 @@ def reset_target(W0, state: MemoryState, reset_to=None):
     """(W, S, anchor) with leaves [B, H, ...] that a document start returns to: the fresh state
     (W0, 0, W0) unless `reset_to` gives one (e.g. the state after persistent tokens)."""
     if reset_to is not None:
-        return tuple(jax.tree.map(fp, t) for t in reset_to)
-    W = jax.tree.map(lambda w, s: jnp.broadcast_to(fp(w), s.shape).astype(s.dtype), W0, state.W)
+        return tuple(jax.tree.map(upcast, t) for t in reset_to)
+    W = jax.tree.map(lambda w, s: jnp.broadcast_to(upcast(w), s.shape).astype(s.dtype), W0, state.W)
     return W, jax.tree.map(jnp.zeros_like, W), W
 
 

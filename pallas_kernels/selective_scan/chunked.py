@@ -1,6 +1,6 @@
 """Chunked selective scan in plain XLA (specs/mamba.md §4.1(3), §5.2(3)-(4)).
 
-The sequence is cut into chunks of `chunk` steps; a `lax.scan` over chunks carries the state
+The sequence is cut into chunks of `block` steps; a `lax.scan` over chunks carries the state
 h [B, Di, N]; inside a chunk the outputs come from the closed form
 
     h_t = sum_{s<=t} exp(A * seg[t, s]) Bbar_s x_s + exp(A * cum[t]) h_in,
@@ -18,56 +18,24 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import pad_chunks, reset_masks, segsum, unpad_chunks, upcast
 from pallas_kernels.selective_scan.reference import input_coeff
 
 Array = jax.Array
 
 
-def segsum(v: Array, axis: int = 1) -> Array:
-    """seg[..., t, s, ...] = sum_{r=s+1..t} v[r] for t >= s (0 elsewhere), for v with the time
-    axis at `axis`; the new s axis follows the t axis. Stable: a cumsum of masked increments."""
-    v = jnp.moveaxis(v, axis, -1)                       # [..., Q]
-    Q = v.shape[-1]
-    r = jnp.arange(Q)
-    inc = jnp.where(r[:, None] > r[None, :], v[..., :, None], 0.0)   # [..., Q(r), Q(s)]
-    seg = jnp.cumsum(inc, axis=-2)                      # [..., Q(t), Q(s)]
-    return jnp.moveaxis(seg, (-2, -1), (axis, axis + 1))
-
-
-def reset_masks(reset: Array) -> tuple[Array, Array]:
-    """For resets [B, Q]: (same [B, Q(t), Q(s)]: no reset in (s, t] and t >= s;
-    clean [B, Q]: no reset in [0, t], i.e. the chunk's incoming state reaches t)."""
-    Q = reset.shape[1]
-    rc = jnp.cumsum(reset.astype(jnp.int32), axis=1)
-    t = jnp.arange(Q)
-    same = (rc[:, :, None] == rc[:, None, :]) & (t[:, None] >= t[None, :])[None]
-    return same, rc == 0
-
-
-def _pad_chunks(arrs, T: int, Q: int):
-    n = -(-T // Q)
-    pad = n * Q - T
-    out = []
-    for a in arrs:
-        if pad:
-            a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-        a = a.reshape(a.shape[0], n, Q, *a.shape[2:])
-        out.append(jnp.moveaxis(a, 1, 0))                 # [n, B, Q, ...]
-    return out
-
-
 def selective_scan(x: Array, dt: Array, A: Array, Bm: Array, C: Array, *, h0: Array | None = None,
                    reset: Array | None = None, exact_zoh: bool = False,
-                   chunk: int = 16) -> tuple[Array, Array]:
-    """Same signature and result as `reference.selective_scan`; `chunk` is a block size only."""
+                   block: int = 16) -> tuple[Array, Array]:
+    """Same signature and result as `reference.selective_scan`; `block` (steps per chunk) never
+    changes the function."""
     Bsz, T, Di = x.shape
     N = A.shape[1]
-    f32 = lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32))  # float32, or float64 in x64 tests
-    x, dt, A, Bm, C = f32(x), f32(dt), f32(A), f32(Bm), f32(C)
-    h0 = jnp.zeros((Bsz, Di, N), x.dtype) if h0 is None else f32(h0)
+    x, dt, A, Bm, C = upcast(x, dt, A, Bm, C)
+    h0 = jnp.zeros((Bsz, Di, N), x.dtype) if h0 is None else upcast(h0)
     reset = jnp.zeros((Bsz, T), bool) if reset is None else reset.astype(bool)
-    Q = max(1, min(chunk, T))
-    xs = _pad_chunks([x, dt, Bm, C, reset], T, Q)
+    Q = max(1, min(block, T))
+    xs = pad_chunks([x, dt, Bm, C, reset], T, Q)
 
     @jax.checkpoint
     def body(h, blk):
@@ -86,5 +54,5 @@ def selective_scan(x: Array, dt: Array, A: Array, Bm: Array, C: Array, *, h0: Ar
         return h_new, y
 
     hT, y = jax.lax.scan(body, h0, tuple(xs))
-    y = jnp.moveaxis(y, 0, 1).reshape(Bsz, -1, Di)[:, :T]
+    y = unpad_chunks(y, T)
     return y, hT

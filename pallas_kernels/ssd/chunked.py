@@ -1,6 +1,6 @@
 """Chunked SSD in plain XLA (the state-space dual form, specs/mamba.md §9.2).
 
-A `lax.scan` over chunks of `chunk` steps carries the state [B, H, P, N]; inside a chunk the
+A `lax.scan` over chunks of `block` steps carries the state [B, H, P, N]; inside a chunk the
 outputs are the masked "linear attention" form
 
     y_t = sum_{s<=t} (C_t . B_s) exp(A seg[t, s]) dt_s x_s  +  exp(A cum[t]) S_in C_t,
@@ -16,24 +16,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.selective_scan.chunked import _pad_chunks, reset_masks, segsum
+from pallas_kernels.common import pad_chunks, reset_masks, segsum, unpad_chunks, upcast
 from pallas_kernels.ssd.reference import heads_of_groups
 
 Array = jax.Array
 
 
 def ssd(x: Array, dt: Array, A: Array, Bm: Array, C: Array, *, h0: Array | None = None,
-        reset: Array | None = None, chunk: int = 64) -> tuple[Array, Array]:
-    """Same signature and result as `reference.ssd`; `chunk` is a block size only."""
+        reset: Array | None = None, block: int = 64) -> tuple[Array, Array]:
+    """Same signature and result as `reference.ssd`; `block` never changes the function."""
     Bsz, T, H, P = x.shape
     N = Bm.shape[-1]
-    f32 = lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32))  # float32, or float64 in x64 tests
-    x, dt, A = f32(x), f32(dt), f32(A)
-    Bh, Ch = heads_of_groups(f32(Bm), H), heads_of_groups(f32(C), H)
-    h0 = jnp.zeros((Bsz, H, P, N), x.dtype) if h0 is None else f32(h0)
+    x, dt, A, Bm, C = upcast(x, dt, A, Bm, C)
+    Bh, Ch = heads_of_groups(Bm, H), heads_of_groups(C, H)
+    h0 = jnp.zeros((Bsz, H, P, N), x.dtype) if h0 is None else upcast(h0)
     reset = jnp.zeros((Bsz, T), bool) if reset is None else reset.astype(bool)
-    Q = max(1, min(chunk, T))
-    xs = _pad_chunks([x, dt, Bh, Ch, reset], T, Q)
+    Q = max(1, min(block, T))
+    xs = pad_chunks([x, dt, Bh, Ch, reset], T, Q)
 
     @jax.checkpoint
     def body(s_in, blk):
@@ -52,5 +51,5 @@ def ssd(x: Array, dt: Array, A: Array, Bm: Array, C: Array, *, h0: Array | None 
         return s_out, y
 
     hT, y = jax.lax.scan(body, h0, tuple(xs))
-    y = jnp.moveaxis(y, 0, 1).reshape(Bsz, -1, H, P)[:, :T]
+    y = unpad_chunks(y, T)
     return y, hT
