@@ -39,15 +39,16 @@ def _results_config():
 
 
 def _final_step_done(run_dir: str, steps: int) -> bool:
-    from train import checkpoint as ckpt
+    from train.rundir import RunDir
     try:
-        return steps in ckpt.list_steps(run_dir)
+        return steps in RunDir(run_dir).steps()
     except (FileNotFoundError, ValueError):
         return False
 
 
 def train_run(variant: str, run_dir: str, steps: int, log) -> float | None:
-    wall_path = os.path.join(run_dir, "wall.json")
+    from train.rundir import RunDir
+    wall_path = RunDir(run_dir).wall_path
     if _final_step_done(run_dir, steps) and os.path.exists(wall_path):
         with open(wall_path) as f:
             return json.load(f)["train_wall_s"]
@@ -67,9 +68,8 @@ def train_run(variant: str, run_dir: str, steps: int, log) -> float | None:
 def param_count(name: str, model_cfg) -> int:
     import zoo
     from flax import nnx
-    from layers.common import count_params
     abstract = nnx.eval_shape(lambda: zoo.build(name, model_cfg))
-    return count_params(nnx.state(abstract, nnx.Param))
+    return zoo.lm.count_params(nnx.state(abstract, nnx.Param))
 
 
 def main(argv=None) -> int:
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
             steps = int(cfg.train.steps)
             wall = train_run(variant, run_dir, steps, log)
             info = table[(task, m)]
-            _, model_cfg = C.resolve(cfgmod.get_config(variant))
+            _, model_cfg = C.resolve(cfg)
             info["params"] = param_count(m, model_cfg)
             info["wall"] = wall
             if wall is None:

@@ -91,7 +91,6 @@ def hf_float(value) -> float:
 
 def load(path: str) -> nnx.Module:
     """Build the seqzoo model for a Hugging Face checkpoint directory and load its weights."""
-    import zoo.families  # noqa: F401  (families register their converters)
     config = load_config(path)
     archs = config.get("architectures") or []
     if not archs:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from layers.common import count_params as count_params  # re-exported for train and eval
 from layers.common import doc_starts, dropout, fold, real_mask, token_positions
 from layers.embed import Embed, LearnedPositions
 from layers.linear import Dense

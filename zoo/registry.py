@@ -67,17 +67,11 @@ def register(name: str, *, config: type, causal: bool = True, resets: bool = Tru
     return deco
 
 
-def _load_all() -> None:
-    import zoo.families  # noqa: F401  (imports every family module)
-
-
 def names() -> list[str]:
-    _load_all()
     return sorted(_REGISTRY)
 
 
 def get(name: str) -> Entry:
-    _load_all()
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
