@@ -18,17 +18,7 @@ def get_config(arg=None):
     cfg = C.default_config()
     if arg == "tiny":
         cfg.model.dim = 32
-        cfg.data.num_kv_pairs = 4
-        cfg.data.seq_len = 32
-        cfg.model.max_len = 32
-        cfg.data.vocab_size = 64
-        cfg.train.steps = 20
-        cfg.train.batch_size = 16
-        cfg.train.warmup_steps = 2
-        cfg.eval.batch_size = 16
-        cfg.eval.max_batches = 2
-        cfg.eval.every = 10
-        cfg.checkpoint.every = 10
+        C.tiny_budget(cfg)
     elif arg == "zoology":
         from zoo.transformer import zoology_attention
         cfg.model = C.model_section("transformer", zoology_attention(dim=128, max_len=128),

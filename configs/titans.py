@@ -50,15 +50,5 @@ def get_config(arg=None):
     cfg.model = C.model_section(name, TitansConfig(**dims), vocab_size=None)
     cfg.model.max_len = cfg.data.seq_len
     if tiny:
-        cfg.data.num_kv_pairs = 4
-        cfg.data.seq_len = 32
-        cfg.model.max_len = 32
-        cfg.data.vocab_size = 64
-        cfg.train.steps = 20
-        cfg.train.batch_size = 16
-        cfg.train.warmup_steps = 2
-        cfg.eval.batch_size = 16
-        cfg.eval.max_batches = 2
-        cfg.eval.every = 10
-        cfg.checkpoint.every = 10
+        C.tiny_budget(cfg)
     return cfg

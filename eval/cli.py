@@ -6,12 +6,13 @@
 
 For every run directory (several may be given, comma separated or repeated, and each may be a
 glob) and every selected step, the checkpoint is restored onto the current devices with the
-config saved beside it (`train.checkpoint.restore_params`), every (task, setting) unit is scored
-and its rows are appended to results.jsonl / results.csv (in DIR/eval/ unless --out is given). A
-rerun skips the units already present unless --force. A tqdm bar covers the sweep; a markdown
-table of the selected results is printed at the end and PNG plots are written next to the
-results. Bad input (a missing directory, a run without a checkpoint, a checkpoint that does not
-fit the code) ends with one line `eval: error: ...` on stderr and exit status 2.
+config saved beside it (`train.rundir.RunDir.restore_params`; each run's config is read once),
+every (task, setting) unit is scored and its rows are appended to results.jsonl / results.csv
+(in DIR/eval/ unless --out is given). A rerun skips the units already present unless --force. A
+tqdm bar covers the sweep; a markdown table of the selected results is printed at the end and
+PNG plots are written next to the results. Bad input (a missing directory, a run without a
+checkpoint, a checkpoint that does not fit the code) ends with one line `eval: error: ...` on
+stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -126,6 +127,7 @@ def _one_line(e: BaseException) -> str:
 @dataclasses.dataclass
 class RunPlan:
     run_dir: str
+    run: object          # train.rundir.RunDir (holds the config it read)
     name: str
     model_name: str
     model_cfg: object
@@ -136,29 +138,29 @@ class RunPlan:
 
 def plan_runs(args, run_dirs: list[str]) -> list[RunPlan]:
     """Check every run before any work: config, checkpoints, model config, steps."""
-    from train import checkpoint as ckpt
-    from train import config as config_lib
+    from train.rundir import RunDir
     plans, stores = [], {}
     base = [run_name(d) for d in run_dirs]
     for d in run_dirs:
+        run = RunDir(d)
         try:
-            cfg = ckpt.load_config(d)
-            steps = ckpt.list_steps(d)
+            cfg = run.read_config()
+            steps = run.steps()
         except (FileNotFoundError, OSError, ValueError) as e:
             raise EvalError(_one_line(e)) from None
         if not steps:
             raise EvalError(f"run directory {d!r} has no checkpoint")
         try:
-            model_name, model_cfg = config_lib.model_config_from(cfg)
+            model_name, model_cfg = run.model_config()
         except (ValueError, KeyError, TypeError) as e:
             raise EvalError(f"{d}: config does not fit the code: {_one_line(e)}") from None
-        out = args.out or os.path.join(d, "eval")
+        out = args.out or run.eval_path
         key = os.path.abspath(out)
         if key not in stores:
             stores[key] = ResultsStore(out)
         # a run is named by its directory; by its path where two directories share a name
         name = run_name(d) if base.count(run_name(d)) == 1 else os.path.normpath(d)
-        plans.append(RunPlan(d, name, model_name, model_cfg, cfg.get("data"),
+        plans.append(RunPlan(d, run, name, model_name, model_cfg, cfg.get("data"),
                              select_steps(args.steps, steps, d), stores[key]))
     return plans
 
@@ -200,7 +202,6 @@ def _main(argv) -> int:
 
     import zoo
     from eval.scoring import Model
-    from train import checkpoint as ckpt
     from train.sharding import make_mesh
     try:
         mesh = make_mesh(args.mesh)
@@ -229,7 +230,7 @@ def _main(argv) -> int:
         bar.set_postfix_str(f"{plan.name}@{step} {task.name} {setting.name}", refresh=False)
         if loaded is None or loaded[0] != (plan.run_dir, step):
             try:
-                name, model_cfg, graphdef, params = ckpt.restore_params(plan.run_dir, step, mesh=mesh)
+                name, model_cfg, graphdef, params = plan.run.restore_params(step, mesh=mesh)
             except (FileNotFoundError, ValueError, KeyError) as e:
                 raise EvalError(_one_line(e)) from None
             model = Model(graphdef, params, vocab_size=int(model_cfg.vocab_size),

@@ -111,7 +111,8 @@ def accuracy_vs_length(rows: Iterable[Mapping], out_dir: str, metric: str = "acc
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
+    from train.rundir import RunDir
+    path = RunDir(run_dir).metrics_path
     out = []
     if not os.path.exists(path):
         return out

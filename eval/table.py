@@ -66,8 +66,9 @@ def train_run(variant: str, run_dir: str, steps: int, log) -> float | None:
 
 
 def param_count(name: str, model_cfg) -> int:
-    import zoo
     from flax import nnx
+
+    import zoo
     abstract = nnx.eval_shape(lambda: zoo.build(name, model_cfg))
     return zoo.lm.count_params(nnx.state(abstract, nnx.Param))
 

@@ -3,8 +3,8 @@
 A task turns the run's data config and the CLI options into a list of `Setting`s (named
 "key=value,..." in the results) and scores one setting on a `scoring.Model`, returning
 {metric: value}. Every metric goes through `eval.scoring`. Data come from the trainer's own
-pipeline and generators (`train.data` for held-out batches, `train.synthetic` for the tasks),
-held-out stream `VAL_STREAM`, so eval examples never overlap training examples.
+pipeline and generators (`train.data` for held-out batches, `train.data.synthetic` for the
+tasks), held-out stream `VAL_STREAM`, so eval examples never overlap training examples.
 
 Tasks (metrics):
   ppl              held-out split of the run's data source (any source the trainer reads):
@@ -14,7 +14,7 @@ Tasks (metrics):
   selective_copying  over --lengths: acc, exact
   passkey          over --lengths x --passkey_depths, decoded greedily through the recurrent state
                    / KV cache (zoo.lm.generate): acc (exact match of the key); abstract-token
-                   format (train.synthetic.passkey_tokens) or byte-level Landmark text (first
+                   format (train.data.synthetic.passkey_tokens) or byte-level Landmark text (first
                    integer of the continuation == key), chosen like the run's data
   niah_single_1/2/3  RULER single needle (byte-level), over --lengths, decoded through the state:
                    acc (RULER string_match: the value occurs in the continuation)
@@ -28,7 +28,6 @@ tokens of generation tasks (zoo.lm.generate checks prompt + new <= max_len).
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import sys
 from typing import Any, Callable, Sequence
@@ -36,7 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from eval import scoring
-from eval.scoring import IGNORE, Model
+from eval.scoring import Model
 
 SKIPPED = "skipped_over_max_len"
 
@@ -207,7 +206,7 @@ class MQAR(Task):
                     num_passes=int(run.get("mqar_num_passes")) if mine else 1)
 
     def settings(self, run, model, opts):
-        from train import synthetic
+        from train.data import synthetic
         kvs = opts.mqar_kv or [int(run.get("num_kv_pairs"))]
         p = self._params(run, model)
         out = []
@@ -222,7 +221,7 @@ class MQAR(Task):
         return out
 
     def score(self, run, model, setting, opts):
-        from train import synthetic
+        from train.data import synthetic
         data = synthetic.generate(synthetic.mqar, seed=_seed(run, opts), n=opts.n_examples,
                                   **setting.params, **self._params(run, model))
         return _teacher_forced(model, data, opts)
@@ -239,7 +238,7 @@ class SelectiveCopying(Task):
                     variable=bool(run.get("copy_variable")) if mine else True)
 
     def settings(self, run, model, opts):
-        from train import synthetic
+        from train.data import synthetic
         p = self._params(run, model, opts)
         out = []
         for T in _lengths(run, opts):
@@ -252,7 +251,7 @@ class SelectiveCopying(Task):
         return out
 
     def score(self, run, model, setting, opts):
-        from train import synthetic
+        from train.data import synthetic
         data = synthetic.generate(synthetic.selective_copying, seed=_seed(run, opts),
                                   n=opts.n_examples, **setting.params, **self._params(run, model, opts))
         return _teacher_forced(model, data, opts)
@@ -288,7 +287,7 @@ def decode_bytes(tokens: Sequence[int]) -> str:
 def byte_prompt(ids, model: Model) -> np.ndarray:
     """[BOS] + bytes for models with the byte-level task vocabulary (256 bytes + BOS + EOS, as the
     passkey/needle training rows); the bare bytes for plain byte LMs (vocabulary 256, `text`)."""
-    from train import synthetic
+    from train.data import synthetic
     ids = np.asarray(ids, np.int32)
     if model.vocab_size >= synthetic.BYTE_VOCAB:
         ids = np.concatenate([[synthetic.BYTE_BOS], ids])
@@ -299,7 +298,6 @@ class Passkey(Task):
     name = "passkey"
 
     def format(self, run, model, opts) -> str:
-        from train import synthetic
         if opts.passkey_format != "auto":
             return opts.passkey_format
         if run.source == "passkey":
@@ -309,7 +307,7 @@ class Passkey(Task):
         return "tokens"
 
     def settings(self, run, model, opts):
-        from train import synthetic
+        from train.data import synthetic
         fmt = self.format(run, model, opts)
         if fmt == "tokens":
             F = int(run.get("passkey_filler_tokens"))
@@ -332,7 +330,7 @@ class Passkey(Task):
 
     def check(self, run, fmt, L, opts) -> str | None:
         """Why length L cannot hold a passkey example (None: it can)."""
-        from train import synthetic
+        from train.data import synthetic
         if fmt == "tokens":
             return synthetic.passkey_tokens_check(
                 seq_len=L - 1, num_digits=int(run.get("passkey_digits")),
@@ -345,7 +343,7 @@ class Passkey(Task):
         return None
 
     def score(self, run, model, setting, opts):
-        from train import synthetic
+        from train.data import synthetic
         p = setting.params
         seed = _seed(run, opts)
         if p["format"] == "tokens":
@@ -392,7 +390,7 @@ class Needle(Task):
         return 40 if self.name == "niah_single_3" else 10
 
     def settings(self, run, model, opts):
-        from train import synthetic
+        from train.data import synthetic
         if model.vocab_size < 256:
             _warn(f"{self.name} not run: needs a byte-level vocabulary (256 bytes), "
                   f"model has {model.vocab_size}")
@@ -412,7 +410,7 @@ class Needle(Task):
         return out
 
     def score(self, run, model, setting, opts):
-        from train import synthetic
+        from train.data import synthetic
         kw = {}
         path = self.haystack(run, opts)
         if path:

@@ -1,10 +1,11 @@
-"""The data pipeline (train/data): sources, splits, packing, per-process rows, state, prefetch."""
+"""The data pipeline (train/data): sources, splits, packing, per-process rows, state."""
+import grain
 import numpy as np
 import pytest
 
-import grain
-from train import data, synthetic
-from train.data.files import write_array_record
+from train import data
+from train.data import synthetic
+from train.data.sources import write_array_record
 
 
 def cfg(**kw):
@@ -326,60 +327,21 @@ def test_state_restore_gives_identical_next_batches(which, token_files):
     assert parts[0].get_state() == parts[1].get_state() == state
 
 
-def test_orbax_checkpoint_of_iterator_and_prefetcher(tmp_path):
-    import jax
+def test_orbax_checkpoint_of_iterator(tmp_path):
     import orbax.checkpoint as ocp
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     c = cfg(vocab_size=128)
-    mesh = jax.make_mesh((8,), ("data",))
-    sharding = NamedSharding(mesh, P("data"))
     it = data.make_iterator(c, split="train", global_batch=8, seed=0)
-    pf = data.device_prefetch(it, sharding, size=3)
     ref = take(data.make_iterator(c, split="train", global_batch=8, seed=0), 8)
-    got = take(pf, 3)
-    for g, r in zip(got, ref):
-        for k in r:
-            assert isinstance(g[k], jax.Array) and g[k].sharding == sharding
-            assert g[k].addressable_shards[0].data.shape == (1, 64)
-            np.testing.assert_array_equal(np.asarray(g[k]), r[k])
-    # the prefetcher has read ahead, but its state is that of the next batch it yields
+    take(it, 6)
     assert it.get_state() == {"next_index": 6}
-    assert pf.get_state() == {"next_index": 3}
     mngr = ocp.CheckpointManager(tmp_path / "ckpt")
-    mngr.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(pf),
-                                         raw=grain.checkpoint.CheckpointSave(it)))
+    mngr.save(1, args=ocp.args.Composite(raw=grain.checkpoint.CheckpointSave(it)))
     mngr.wait_until_finished()
-    after = take(pf, 2)
-    it2 = data.make_iterator(c, split="train", global_batch=8, seed=0)
-    pf2 = data.device_prefetch(it2, sharding)
-    mngr.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(pf2)))
-    again = take(pf2, 2)
-    for a, b in zip(after, again):
-        for k in a:
-            np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
-    np.testing.assert_array_equal(np.asarray(again[0]["inputs"]), ref[3]["inputs"])
     it3 = data.make_iterator(c, split="train", global_batch=8, seed=0)
     mngr.restore(1, args=ocp.args.Composite(raw=grain.checkpoint.CheckpointRestore(it3)))
     np.testing.assert_array_equal(next(it3)["inputs"], ref[6]["inputs"])
     mngr.close()
-
-
-def test_prefetch_dict_sharding_and_finite_iterators():
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    mesh = jax.make_mesh((4, 2), ("data", "fsdp"))
-    sh = NamedSharding(mesh, P(("data", "fsdp")))
-    c = cfg(vocab_size=128, val_examples=20)
-    shardings = {"inputs": sh, "targets": sh, "loss_mask": NamedSharding(mesh, P("data"))}
-    out = list(data.device_prefetch(data.make_iterator(c, split="val", global_batch=8, seed=0),
-                                    shardings))
-    ref = list(data.make_iterator(c, split="val", global_batch=8, seed=0))
-    assert len(out) == len(ref) == 3
-    for o, r in zip(out, ref):
-        assert o["loss_mask"].sharding == shardings["loss_mask"]
-        np.testing.assert_array_equal(np.asarray(o["targets"]), r["targets"])
 
 
 def test_worker_processes_match_and_restore():
@@ -415,12 +377,12 @@ def main(pid, port, out):
     mesh = jax.make_mesh((4,), ("data",))
     it = data.make_iterator(c, split="train", global_batch=8, seed=4,
                             process_index=jax.process_index(), process_count=jax.process_count())
-    pf = data.device_prefetch(it, NamedSharding(mesh, P("data")))
+    sharding = NamedSharding(mesh, P("data"))
     got = []
     for _ in range(3):
-        b = next(pf)
-        assert b["inputs"].shape == (8, 64)
-        got.append(multihost_utils.process_allgather(b["inputs"], tiled=True))
+        b = jax.make_array_from_process_local_data(sharding, next(it)["inputs"])
+        assert b.shape == (8, 64)
+        got.append(multihost_utils.process_allgather(b, tiled=True))
     if pid == 0:
         np.save(out, np.stack(got))
     jax.distributed.shutdown()
@@ -478,7 +440,7 @@ def test_row_makers_pickle_for_worker_processes(tmp_path, token_files):
         for k in first:
             np.testing.assert_array_equal(first[k], again[k])
     # opened files and the haystack text stay behind when pickled
-    from train.data.files import open_tokens
+    from train.data.sources import open_tokens
     for c in configs[:-1]:
         rows = data.WindowRows(c, open_tokens(c), 0, 5)
         rows(0)

@@ -1,4 +1,4 @@
-"""End to end: `python -m eval` on run directories written with train/checkpoint's functions.
+"""End to end: `python -m eval` on run directories written with train.rundir.RunDir.
 
 The run holds two checkpoints of the built-in default config (MQAR, vocabulary 128) with a tiny
 Transformer: step 1 with initial parameters, step 2 with every parameter zero, whose logits are
@@ -23,8 +23,8 @@ from flax import nnx
 import zoo
 from eval.cli import main
 from eval.results import FIELDS, ResultsStore, markdown_table, read_rows
-from train import checkpoint as ckpt
 from train import config as config_lib
+from train.rundir import RunDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 128
@@ -40,19 +40,18 @@ def write_run(run_dir: str, **model_overrides) -> None:
     cfg.data.val_examples = 16
     cfg, model_cfg = config_lib.resolve(cfg, device_count=jax.device_count())
     cfg_json = config_lib.to_jsonable(cfg)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, ckpt.CONFIG_JSON), "w") as f:
-        json.dump(cfg_json, f)
+    run = RunDir(run_dir)
+    run.write_config(cfg_json)
     model = zoo.build(cfg.model.name, model_cfg, rngs=0)
     pure = nnx.split(model)[1].to_pure_dict()
     zeros = jax.tree.map(jnp.zeros_like, pure)
-    mngr = ckpt.make_manager(run_dir, async_save=False)
+    mngr = run.manager(async_save=False)
     for step, params in ((1, pure), (2, zeros)):
         state = {"params": params, "opt_state": {"mu": params}, "step": np.int32(step)}
-        ckpt.save(mngr, step, state, cfg_json, None)
+        run.save(mngr, step, state, cfg_json, None)
     mngr.wait_until_finished()
     mngr.close()
-    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+    with open(run.metrics_path, "w") as f:
         for s, loss in ((1, 4.9), (2, 4.8)):
             f.write(json.dumps({"step": s, "loss": loss}) + "\n")
         f.write(json.dumps({"step": 2, "split": "val", "val_loss": 4.85}) + "\n")
@@ -247,7 +246,7 @@ def test_eval_agrees_with_the_trainers_held_out_numbers(tmp_path, capsys):
     cfg.eval.every, cfg.eval.batch_size, cfg.eval.max_batches = 0, 32, 0
     cfg.data.val_examples = 32
     trainer.train(cfg, verbose=False)
-    val = [json.loads(l) for l in open(tmp_path / "t" / "metrics.jsonl") if '"val"' in l][-1]
+    val = [json.loads(line) for line in open(tmp_path / "t" / "metrics.jsonl") if '"val"' in line][-1]
     assert val["step"] == 4
     assert main([f"--run_dir={tmp_path / 't'}", "--tasks=ppl,mqar", "--ppl_batches=0",
                  "--batch_size=32", "--n_examples=32", "--mqar_kv=8", "--lengths=64",

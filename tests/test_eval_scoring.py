@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -26,10 +25,8 @@ from flax import nnx
 import zoo
 from eval import scoring, tasks
 from eval.scoring import Model
-from train import synthetic
-from train.data import data_defaults
+from train.data import data_defaults, synthetic
 from train.sharding import make_mesh
-
 
 # ----------------------------------------------------------------------------------- oracles
 

@@ -8,11 +8,10 @@ import sys
 
 import numpy as np
 import portpicker
-import pytest
-
-from train import checkpoint as ckpt
-from train.metrics import read_jsonl
 from train_helpers import REPO, TINY_FLAGS, run_cli
+
+from train.metrics import read_jsonl
+from train.rundir import RunDir
 
 COMMON = TINY_FLAGS + ["--config.train.steps=6", "--config.train.log_every=1",
                        "--config.checkpoint.every=100", "--config.train.compilation_cache_dir=",
@@ -20,7 +19,7 @@ COMMON = TINY_FLAGS + ["--config.train.steps=6", "--config.train.log_every=1",
 
 
 def _losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    return {r["step"]: r["loss"] for r in read_jsonl(RunDir(run_dir).metrics_path)
             if "split" not in r}
 
 
@@ -59,7 +58,7 @@ def test_two_processes_match_one_and_restore_elsewhere(tmp_path):
     # cross-process all-reduces sum in a different order than in-process ones
     np.testing.assert_allclose([mp_losses[k] for k in range(1, 5)],
                                [ref_losses[k] for k in range(1, 5)], rtol=1e-5)
-    assert ckpt.list_steps(mp_dir) == [4]
+    assert RunDir(mp_dir).steps() == [4]
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(
         os.listdir(os.path.join(mp_dir, "checkpoints", "4", "data")))
 
@@ -72,4 +71,4 @@ def test_two_processes_match_one_and_restore_elsewhere(tmp_path):
     all_losses = _losses(mp_dir)
     np.testing.assert_allclose([all_losses[5], all_losses[6]], [ref_losses[5], ref_losses[6]],
                                rtol=1e-4)
-    assert ckpt.list_steps(mp_dir)[-1] == 6
+    assert RunDir(mp_dir).steps()[-1] == 6

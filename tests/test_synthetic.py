@@ -1,4 +1,4 @@
-"""Invariants of the synthetic task generators (train/synthetic.py, specs/tasks.md)."""
+"""Invariants of the synthetic task generators (train/data/synthetic.py, specs/tasks.md)."""
 import itertools
 import re
 import uuid
@@ -6,8 +6,9 @@ import uuid
 import numpy as np
 import pytest
 
-from train import synthetic as S
-from train.data._wordlists import ADJECTIVES, NOUNS
+from train.data import synthetic as S
+
+ADJECTIVES, NOUNS = S.word_lists()
 
 
 def rngs(n, seed=0, stream=S.TRAIN_STREAM):
@@ -254,6 +255,23 @@ def test_niah_key_multiplicities_match_brute_force():
     assert (len(adjs), len(nouns)) == (len(set(ADJECTIVES)), len(set(NOUNS))) == (910, 6782)
 
 
+def test_word_lists_are_package_data():
+    """The lists are read from train/data/wordlists.json, which pyproject.toml installs with the
+    package (`[tool.setuptools.package-data]`)."""
+    import importlib.resources
+    import json
+    import os
+
+    res = importlib.resources.files("train.data").joinpath(S.WORDLISTS)
+    assert res.is_file() and os.path.dirname(str(res)) == os.path.dirname(S.__file__)
+    d = json.loads(res.read_text(encoding="utf-8"))
+    assert "MIT License" in d["license"] and (len(d["adjectives"]), len(d["nouns"])) == (912, 6782)
+    assert S.word_lists() == (tuple(d["adjectives"]), tuple(d["nouns"]))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml")) as f:
+        assert S.WORDLISTS in f.read().split("[tool.setuptools.package-data]", 1)[1]
+
+
 @pytest.mark.parametrize("variant", S.NIAH_VARIANTS)
 def test_needle_text(variant):
     adjs, nouns, _ = S._niah_words()
@@ -289,7 +307,7 @@ def test_needle_text(variant):
         if variant == "niah_single_1":
             ctx = ex["input"].split("\n")[1:-1]
             assert len(ctx) == ex["n_haystack"] + 1
-            assert all(l == S.PASSKEY_FILLER_UNIT for l in ctx if l != needle)
+            assert all(line == S.PASSKEY_FILLER_UNIT for line in ctx if line != needle)
         depths.add(round(ex["depth"], 3))
     assert len(depths) > 2
 

@@ -1,7 +1,7 @@
 """Checkpoints: stopping at step k and resuming is bit-identical to an uninterrupted run; the
-run-directory contract (config.json, checkpoints with state/config/data items, metrics.jsonl,
-tb/) and the eval helpers (list_steps, load_config, restore_params and their errors); SIGTERM
-saves and exits cleanly."""
+run-directory contract (train.rundir.RunDir: config.json, checkpoints with state/config/data
+items, metrics.jsonl, tb/) and what eval reads through it (steps, read_config, restore_params and
+their errors); SIGTERM saves and exits cleanly."""
 import json
 import os
 import shutil
@@ -14,11 +14,11 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from train_helpers import REPO, TINY_FLAGS, tiny_cfg
 
-from train import checkpoint as ckpt
 from train import trainer as T
 from train.metrics import read_jsonl
-from train_helpers import REPO, TINY_FLAGS, tiny_cfg
+from train.rundir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_run_dir_contract(runs):
     cfg = json.loads((run / "config.json").read_text())
     assert set(cfg) == {"model", "data", "train", "mesh", "checkpoint", "eval"}
     assert cfg["model"]["vocab_size"] == 64 and cfg["mesh"]["shape"] == [8, 1, 1]
-    assert ckpt.list_steps(str(run)) == [5, 6]          # keep the last 2
+    assert RunDir(run).steps() == [5, 6]                # keep the last 2
     step_dir = run / "checkpoints" / "6"
     assert {"state", "config", "data"} <= set(os.listdir(step_dir))
     assert json.loads((step_dir / "data" / "process_0-of-1.json").read_text()) == {"next_index": 6} \
@@ -64,19 +64,19 @@ def test_run_dir_contract(runs):
     assert val[-1]["step"] == 6 and 0.0 <= val[-1]["val_accuracy"] <= 1.0
     assert val[-1]["val_loss"] == pytest.approx(full["eval"]["val_loss"])
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run / "tb"))
-    loaded = ckpt.load_config(str(run))
+    loaded = RunDir(run).read_config()
     assert loaded.model.name == "transformer" and loaded.data.num_kv_pairs == 4
 
 
 def test_restore_params_equals_trained(runs):
     base, full, _, _ = runs
-    name, mcfg, graphdef, params = ckpt.restore_params(str(base / "full"))
+    name, mcfg, graphdef, params = RunDir(base / "full").restore_params()
     assert name == "transformer" and mcfg.dim == 32
     for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # earlier step, and sharded onto a mesh by the rules
     from train.sharding import make_mesh
-    _, _, _, p3 = ckpt.restore_params(str(base / "full"), step=5, mesh=make_mesh((1, 1, 8)))
+    _, _, _, p3 = RunDir(base / "full").restore_params(step=5, mesh=make_mesh((1, 1, 8)))
     emb = p3["embed"]["embedding"]
     assert emb.addressable_shards[0].data.shape == (8, 32)    # vocab 64 over tensor=8
     model = nnx.merge(graphdef, params)
@@ -87,26 +87,26 @@ def test_restore_params_equals_trained(runs):
 def test_restore_params_errors(runs, tmp_path):
     base, *_ = runs
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ckpt.restore_params(str(tmp_path / "nope"))
+        RunDir(tmp_path / "nope").restore_params()
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copy(base / "full" / "config.json", empty / "config.json")
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        ckpt.restore_params(str(empty))
+        RunDir(empty).restore_params()
     with pytest.raises(FileNotFoundError, match="no checkpoint at step 4"):
-        ckpt.restore_params(str(base / "full"), step=4)
+        RunDir(base / "full").restore_params(step=4)
     bad = tmp_path / "bad"
     shutil.copytree(base / "full", bad)
     cfg = json.loads((bad / "config.json").read_text())
     cfg["model"]["dim"] = 48
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"blocks\.0\.mixer\.wk\.weight has shape \(32, 32\)"):
-        ckpt.restore_params(str(bad))
+        RunDir(bad).restore_params()
     cfg["model"]["dim"] = 32
     cfg["model"]["n_layers"] = 2
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"no parameter blocks\.1\."):
-        ckpt.restore_params(str(bad))
+        RunDir(bad).restore_params()
 
 
 def test_sigterm_saves_and_exits(tmp_path):
@@ -140,5 +140,5 @@ def test_sigterm_saves_and_exits(tmp_path):
     assert saved, text[-2000:]
     k = int(saved[0].split()[3])
     assert 1 <= k < 100000
-    assert ckpt.list_steps(str(run)) == [k]
+    assert RunDir(run).steps() == [k]
     assert "checkpoints:" in text

@@ -1,9 +1,9 @@
 """`python -m train`: a bad config prints one line naming the key and exits non-zero before
 anything compiles; the config module's resolution rejects impossible values in-process."""
 import pytest
+from train_helpers import run_cli, tiny_cfg
 
 from train import config as C
-from train_helpers import run_cli, tiny_cfg
 
 
 @pytest.mark.parametrize("args, expect", [

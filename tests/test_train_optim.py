@@ -1,7 +1,6 @@
 """Optimization: gradient accumulation equals the big batch, aux terms weighted by name,
 warmup + cosine schedule, clipping, weight-decay mask, mixed precision / remat by name, MFU
 FLOP count against XLA on unscanned code, and a short training run that learns."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -9,14 +8,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from train_helpers import tiny_cfg
 
 import zoo
 from train import config as C
-from train import mfu
-from train import optim
+from train import mfu, optim
 from train import trainer as T
 from zoo import lm
-from train_helpers import tiny_cfg
 
 
 def _model(**kw):

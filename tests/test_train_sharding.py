@@ -4,7 +4,8 @@ the logical-axis rules say (per-device shard shapes)."""
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from train import config as C
 from train import sharding as sh

@@ -9,42 +9,32 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_cfg(run_dir, **over):
-    """A tiny attention model on MQAR (T=32, 4 pairs, V=64): compiles and steps in well under
-    a second."""
-    cfg = C.default_config()
+    """A tiny attention model (dim 32, 1 layer, 2 heads) on the tiny budget
+    (train.config.tiny_budget: MQAR, T=32, 4 pairs, V=64) cut to 6 steps: compiles and steps in
+    well under a second."""
+    cfg = C.tiny_budget(C.default_config(), steps=6, warmup_steps=1, eval_every=0,
+                        eval_batch_size=32, eval_max_batches=1, checkpoint_every=3)
     cfg.model.dim = 32
     cfg.model.n_layers = 1
     cfg.model.n_heads = 2
-    cfg.model.max_len = 32
-    cfg.data.seq_len = 32
-    cfg.data.vocab_size = 64
-    cfg.data.num_kv_pairs = 4
     cfg.data.val_examples = 64
-    cfg.train.steps = 6
-    cfg.train.batch_size = 16
-    cfg.train.warmup_steps = 1
     cfg.train.log_every = 1
     cfg.train.mfu_probe = False
     cfg.train.compilation_cache_dir = ""
-    cfg.eval.every = 0
-    cfg.eval.batch_size = 32
-    cfg.eval.max_batches = 1
     cfg.checkpoint.dir = str(run_dir)
-    cfg.checkpoint.every = 3
     for k, v in over.items():
         sec, key = k.split(".", 1)
         cfg[sec][key] = v
     return cfg
 
 
-TINY_FLAGS = [
-    "--config.model.dim=32", "--config.model.n_layers=1", "--config.model.n_heads=2",
-    "--config.model.max_len=32", "--config.data.seq_len=32", "--config.data.vocab_size=64",
-    "--config.data.num_kv_pairs=4", "--config.data.val_examples=64",
-    "--config.train.batch_size=16", "--config.train.warmup_steps=1",
-    "--config.train.mfu_probe=False", "--config.eval.batch_size=32",
-    "--config.eval.max_batches=1",
-]
+# tiny_cfg's model, data and batch settings as `python -m train` flags (the tests add the run
+# length, logging and checkpointing they need)
+_FLAG_KEYS = ("model.dim", "model.n_layers", "model.n_heads", "model.max_len", "data.seq_len",
+              "data.vocab_size", "data.num_kv_pairs", "data.val_examples", "train.batch_size",
+              "train.warmup_steps", "train.mfu_probe", "eval.batch_size", "eval.max_batches")
+_TINY = tiny_cfg("")
+TINY_FLAGS = [f"--config.{k}={_TINY[k.split('.')[0]][k.split('.')[1]]}" for k in _FLAG_KEYS]
 
 
 def run_cli(args, timeout=240, env_extra=None, **kw):

@@ -3,6 +3,10 @@
 With no --config the built-in default runs (train.config.default_config(): MQAR, 8 key-value
 pairs in 64 tokens, vocabulary 128, a 2-layer attention-only Transformer, dim 128). A bad config (unknown key,
 impossible value, missing file) prints one line and exits with status 2 before anything compiles.
+
+The config file is executed once (here, before absl parses the flags; the --config.* overrides
+are then applied by ml_collections to that config) and the config is resolved once, before JAX
+starts; only its device-dependent part (`config.fit_devices`) waits for the devices.
 """
 from __future__ import annotations
 
@@ -12,9 +16,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "ml_collections config file (configs/<file>.py[:variant]); default: built-in",
-    lock_config=True)
+_CONFIG = None   # the config flag, defined by parse_flags around the loaded config
 
 
 def _fail(msg: str) -> None:
@@ -22,14 +24,8 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
-def _unknown_override(argv) -> str | None:
+def _unknown_override(argv, base) -> str | None:
     """The first --config.a.b=... override naming a key the loaded config lacks."""
-    from train import config as config_lib
-    cfg_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    try:
-        base = _load(cfg_arg) if cfg_arg else config_lib.default_config()
-    except Exception:
-        return None
     for a in argv:
         m = re.match(r"--config\.([\w.]+)(=|$)", a)
         if not m:
@@ -69,6 +65,7 @@ def _normalise(argv):
 
 
 def parse_flags(argv):
+    global _CONFIG
     argv = _normalise(argv)
     cfg_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if cfg_arg is not None:
@@ -77,17 +74,21 @@ def parse_flags(argv):
         if not os.path.isfile(path):
             _fail(f"--config: file {path!r} not found")
         try:
-            _load(cfg_arg)
+            cfg = _load(cfg_arg)
         except Exception as e:  # a get_config that rejects its variant, a syntax error, ...
             _fail(f"--config={cfg_arg}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    elif any(a.startswith("--config.") for a in argv):
-        # overrides of the built-in default: point the flag at it
-        from train import config as config_lib  # noqa: F401
-        argv = [argv[0], f"--config={_default_file()}"] + argv[1:]
-    bad = _unknown_override(argv)
+        # the loaded config takes the flag's place: overrides apply to it, nothing re-executes it
+        argv = [a for a in argv if not a.startswith("--config=")]
+    else:
+        from train import config as config_lib
+        cfg = config_lib.default_config()
+    bad = _unknown_override(argv, cfg)
     if bad is not None:
         _fail(f"unknown config key {bad}")
     try:
+        _CONFIG = config_flags.DEFINE_config_dict(
+            "config", cfg, "ml_collections config file (configs/<file>.py[:variant]); default: "
+            "built-in", lock_config=True, sys_argv=argv)
         return flags.FLAGS(argv)
     except flags.Error as e:
         _fail(str(e).splitlines()[0])
@@ -95,33 +96,23 @@ def parse_flags(argv):
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
-def _default_file() -> str:
-    import os
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_config.py")
-
-
 def main(argv) -> None:
     del argv
     from absl import logging
     logging.set_verbosity(logging.WARNING)   # orbax and grain log every save at INFO
     from train import config as config_lib
-    cfg = _CONFIG.value
-    if cfg is None:
-        cfg = config_lib.default_config()
     # validate everything before JAX starts (no device needed)
     try:
-        config_lib.resolve(cfg)
+        cfg, model_cfg = config_lib.resolve(_CONFIG.value)
     except config_lib.ConfigError as e:
         _fail(str(e))
     from train import distributed
     distributed.setup(cfg)
     import jax
+
     from train import trainer
     try:
-        cfg, model_cfg = config_lib.resolve(cfg, device_count=jax.device_count())
-    except config_lib.ConfigError as e:
-        _fail(str(e))
-    try:
+        config_lib.fit_devices(cfg, jax.device_count())
         trainer.Trainer(cfg, model_cfg).run()
     except config_lib.ConfigError as e:
         _fail(str(e))

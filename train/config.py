@@ -14,8 +14,12 @@ A config (ml_collections.ConfigDict) has six sections:
 `default_config()` is the built-in default run (`python -m train` with no --config): MQAR with
 8 key-value pairs in 64 tokens, vocabulary 128 (keys 1..63, values 64..127), a 2-layer
 attention-only Transformer (dim 128, 2 heads, RoPE), AdamW lr 2e-3 without weight decay, batch 64,
-at most 800 steps, stopping early once held-out accuracy reaches 99%. `resolve(cfg)` checks every section and returns (resolved config, typed model config);
-any unknown key or impossible value raises `ConfigError` with one line naming the key.
+at most 800 steps, stopping early once held-out accuracy reaches 99%. `tiny_budget(cfg)` is the
+few-step budget of the tiny config variants and the tests.
+
+`resolve(cfg)` checks every section and returns (resolved config, typed model config); any
+unknown key or impossible value raises `ConfigError` with one line naming the key.
+`fit_devices(cfg, n)` is its device-dependent part (the mesh against the devices).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import ml_collections
 from ml_collections import config_dict
 
 import zoo
+from train import sharding
 
 
 class ConfigError(ValueError):
@@ -91,7 +96,7 @@ def eval_defaults() -> ml_collections.ConfigDict:
 
 
 def _data_module():
-    from train import data  # the data package (train/data.py)
+    from train import data  # the data package (train/data/)
     return data
 
 
@@ -154,6 +159,27 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def tiny_budget(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup_steps: int = 2,
+                eval_every: int = 10, eval_batch_size: int = 16, eval_max_batches: int = 2,
+                checkpoint_every: int = 10) -> ml_collections.ConfigDict:
+    """The tiny training budget (the `*_tiny` variants of configs/ and the trainer tests, which
+    pass shorter runs): MQAR with 4 key-value pairs in 32 tokens, vocabulary 64 (the model's
+    `max_len`, where it has one, follows), batches of 16, a few steps. In place; returns `cfg`."""
+    cfg.data.num_kv_pairs = 4
+    cfg.data.seq_len = 32
+    cfg.data.vocab_size = 64
+    if "max_len" in cfg.model:
+        cfg.model.max_len = 32
+    cfg.train.steps = steps
+    cfg.train.batch_size = 16
+    cfg.train.warmup_steps = warmup_steps
+    cfg.eval.every = eval_every
+    cfg.eval.batch_size = eval_batch_size
+    cfg.eval.max_batches = eval_max_batches
+    cfg.checkpoint.every = checkpoint_every
+    return cfg
+
+
 # ----------------------------------------------------------------------------- resolution
 
 _SECTIONS = ("model", "data", "train", "mesh", "checkpoint", "eval")
@@ -173,6 +199,8 @@ def _need(cond: bool, msg: str):
 def resolve(cfg: ml_collections.ConfigDict, *, device_count: int | None = None):
     """Validate every section and fill derived values. Returns (resolved ConfigDict, model cfg).
 
+    With `device_count`, `fit_devices` runs too (the mesh is then complete); without it, it is
+    left to the caller once the devices are known (`python -m train` resolves before JAX starts).
     Raises ConfigError (a ValueError) with one line naming the key; nothing is compiled.
     """
     cfg = ml_collections.ConfigDict(cfg.to_dict())  # a detached copy, placeholders resolved
@@ -252,28 +280,11 @@ def resolve(cfg: ml_collections.ConfigDict, *, device_count: int | None = None):
 
     # mesh
     m = cfg.mesh
-    shape = tuple(m.shape)
-    _need(len(shape) == 3, f"mesh.shape={shape} must have 3 entries (data, fsdp, tensor)")
-    _need(all(isinstance(s, int) and (s >= 1 or s == -1) for s in shape),
-          f"mesh.shape={shape}: entries must be positive or a single -1")
-    _need(shape.count(-1) <= 1, f"mesh.shape={shape}: at most one -1")
+    _mesh_shape(m.shape)
     _need(m.distributed in ("auto", "on", "off"), f"mesh.distributed={m.distributed!r} is not one of auto, on, off")
     _need(m.num_cpu_devices >= 0, f"mesh.num_cpu_devices={m.num_cpu_devices} must be >= 0")
     if device_count is not None:
-        n = device_count
-        fixed = 1
-        for s in shape:
-            fixed *= s if s != -1 else 1
-        _need(n % fixed == 0 and (-1 in shape or fixed == n),
-              f"mesh.shape={shape} does not fit the {n} available devices")
-        full = tuple(s if s != -1 else n // fixed for s in shape)
-        cfg.mesh.shape = full
-        dp = full[0] * full[1]
-        _need(t.batch_size // t.grad_accum % dp == 0,
-              f"train.batch_size={t.batch_size} / grad_accum={t.grad_accum} is not divisible by "
-              f"the data-parallel size {dp} (mesh data x fsdp)")
-        _need(cfg.eval.batch_size % dp == 0,
-              f"eval.batch_size={cfg.eval.batch_size} is not divisible by the data-parallel size {dp}")
+        fit_devices(cfg, device_count)
 
     # checkpoint / eval
     c = cfg.checkpoint
@@ -288,6 +299,29 @@ def resolve(cfg: ml_collections.ConfigDict, *, device_count: int | None = None):
     _need(0.0 <= e.early_stop_accuracy <= 1.0,
           f"eval.early_stop_accuracy={e.early_stop_accuracy} must be in [0, 1]")
     return cfg, model_cfg
+
+
+def _mesh_shape(shape, device_count: int | None = None) -> tuple[int, ...]:
+    try:
+        return sharding.mesh_shape(shape, device_count)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def fit_devices(cfg: ml_collections.ConfigDict, device_count: int) -> ml_collections.ConfigDict:
+    """The device-dependent part of resolution, on a resolved config (in place, and returned):
+    the mesh must fit the `device_count` devices (its -1 is filled in) and the batches must split
+    over its data-parallel size. ConfigError with one line naming the key."""
+    full = _mesh_shape(cfg.mesh.shape, device_count)
+    cfg.mesh.shape = full
+    t = cfg.train
+    dp = full[0] * full[1]
+    _need(t.batch_size // t.grad_accum % dp == 0,
+          f"train.batch_size={t.batch_size} / grad_accum={t.grad_accum} is not divisible by "
+          f"the data-parallel size {dp} (mesh data x fsdp)")
+    _need(cfg.eval.batch_size % dp == 0,
+          f"eval.batch_size={cfg.eval.batch_size} is not divisible by the data-parallel size {dp}")
+    return cfg
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,5 +1,6 @@
-"""Run logs: metrics.jsonl (one JSON object per logged step or eval), TensorBoard event files
-(tensorboardX) under tb/, and the live progress line."""
+"""Run logs: the JSONL metrics (one JSON object per logged step or eval), TensorBoard event
+files (tensorboardX), and the live progress line. Where they live is `train.rundir.RunDir`'s
+(`metrics_writer`)."""
 from __future__ import annotations
 
 import json
@@ -9,17 +10,18 @@ import time
 
 
 class MetricsWriter:
-    """Appends JSON lines to run_dir/metrics.jsonl and scalars to run_dir/tb (process 0 only)."""
+    """Appends JSON lines to `jsonl_path` and scalars to TensorBoard files in `tb_dir` (process 0
+    only: `enabled`)."""
 
-    def __init__(self, run_dir: str, enabled: bool = True):
+    def __init__(self, jsonl_path: str, tb_dir: str, enabled: bool = True):
         self.enabled = enabled
         self._tb = None
         self._f = None
         if enabled:
-            os.makedirs(run_dir, exist_ok=True)
-            self._f = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+            os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
+            self._f = open(jsonl_path, "a")
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+            self._tb = SummaryWriter(tb_dir)
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -11,8 +11,9 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -33,21 +34,30 @@ RULES: dict[str, str | None] = {
 BATCH_AXES = ("data", "fsdp")
 
 
+def mesh_shape(shape: Sequence[int], n_devices: int | None = None) -> tuple[int, ...]:
+    """The one mesh validator (config resolution and `make_mesh`): `shape` has 3 entries
+    (data, fsdp, tensor), each positive or a single -1. With `n_devices`, it must fit them; the
+    -1 then takes the remaining devices and the full shape is returned. ValueError with one line
+    naming the config key mesh.shape."""
+    shape = tuple(shape)
+    if len(shape) != 3:
+        raise ValueError(f"mesh.shape={shape} must have 3 entries (data, fsdp, tensor)")
+    if not all(isinstance(s, (int, np.integer)) and (s >= 1 or s == -1) for s in shape):
+        raise ValueError(f"mesh.shape={shape}: entries must be positive or a single -1")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh.shape={shape}: at most one -1")
+    if n_devices is None:
+        return shape
+    fixed = int(np.prod([s for s in shape if s != -1]))
+    if n_devices % fixed or (-1 not in shape and fixed != n_devices):
+        raise ValueError(f"mesh.shape={shape} does not fit the {n_devices} available devices")
+    return tuple(int(s) if s != -1 else n_devices // fixed for s in shape)
+
+
 def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
     """Mesh with axes (data, fsdp, tensor); `-1` in one place takes the remaining devices."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = list(shape)
-    if len(shape) != 3:
-        raise ValueError(f"mesh shape must have 3 entries (data, fsdp, tensor), got {shape}")
-    if shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {shape}: at most one -1")
-    if -1 in shape:
-        rest = int(np.prod([s for s in shape if s != -1]))
-        shape[shape.index(-1)] = len(devices) // rest
-    if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
-                         f"have {len(devices)}")
-    arr = np.asarray(devices).reshape(shape)
+    arr = np.asarray(devices).reshape(mesh_shape(shape, len(devices)))
     return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 

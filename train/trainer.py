@@ -16,9 +16,6 @@ batch inside a micro-batch), weighted by name from `train.aux_weights`.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
 import signal
 import time
 from typing import Any, Mapping
@@ -28,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import zoo
 from train import checkpoint as ckpt
@@ -36,7 +34,8 @@ from train import config as config_lib
 from train import mfu as mfu_lib
 from train import optim
 from train import sharding as sh
-from train.metrics import MetricsWriter, Progress, fmt_time
+from train.metrics import Progress, fmt_time
+from train.rundir import RunDir
 from zoo import lm
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids")
@@ -239,7 +238,8 @@ class Trainer:
     def __init__(self, cfg, model_cfg, *, verbose: bool = True, devices=None):
         self.cfg = cfg
         self.s = build_setup(cfg, model_cfg, devices)
-        self.run_dir = os.path.abspath(cfg.checkpoint.dir)
+        self.rundir = RunDir(cfg.checkpoint.dir)
+        self.run_dir = self.rundir.path
         self.is_main = jax.process_index() == 0
         self.verbose = verbose and self.is_main
         self._stop_signal = False
@@ -297,16 +297,14 @@ class Trainer:
             print(text, flush=True)
 
     def run(self) -> dict:
-        cfg, s = self.cfg, self.s
-        t = cfg.train
-        os.makedirs(self.run_dir, exist_ok=True)
+        cfg = self.cfg
+        self.rundir.create()
         cfg_json = config_lib.to_jsonable(cfg)
         if self.is_main:
-            with open(os.path.join(self.run_dir, ckpt.CONFIG_JSON), "w") as f:
-                json.dump(cfg_json, f, indent=2, sort_keys=True)
-        mngr = ckpt.make_manager(self.run_dir, keep=cfg.checkpoint.keep,
-                                 async_save=cfg.checkpoint.async_save)
-        writer = MetricsWriter(self.run_dir, enabled=self.is_main)
+            self.rundir.write_config(cfg_json)
+        mngr = self.rundir.manager(keep=cfg.checkpoint.keep,
+                                   async_save=cfg.checkpoint.async_save)
+        writer = self.rundir.metrics_writer(enabled=self.is_main)
         old_handler = None
         try:
             old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -340,10 +338,10 @@ class Trainer:
                 {"params": params, "opt_state": opt_state, "step": step},
                 {"params": s.param_shardings, "opt_state": s.opt_shardings,
                  "step": NamedSharding(s.mesh, P())})
-            restored = ckpt.restore_state(mngr, latest, target, it)
+            restored = self.rundir.restore(mngr, latest, target, it)
             params, opt_state, step = restored["params"], restored["opt_state"], restored["step"]
             start = int(step)
-            self.log(f"resumed from {ckpt.checkpoint_dir(self.run_dir)} at step {start}")
+            self.log(f"resumed from {self.rundir.checkpoints_path} at step {start}")
         end = t.steps if not t.stop_at_step else min(t.steps, t.stop_at_step)
 
         peak = mfu_lib.total_peak_flops(probe=t.mfu_probe)
@@ -404,8 +402,9 @@ class Trainer:
                     end = done
                     break
             if done % cfg.checkpoint.every == 0 and done != end:
-                ckpt.save(mngr, done, {"params": params, "opt_state": opt_state, "step": step},
-                          cfg_json, it)
+                self.rundir.save(mngr, done,
+                                 {"params": params, "opt_state": opt_state, "step": step},
+                                 cfg_json, it)
                 last_t, last_step = time.perf_counter(), done
             if self._stop_requested():
                 status = "preempted"
@@ -414,8 +413,9 @@ class Trainer:
         train_s = time.perf_counter() - t_start
         final = int(step)
         if mngr.latest_step() != final:
-            ckpt.save(mngr, final, {"params": params, "opt_state": opt_state, "step": step},
-                      cfg_json, it)
+            self.rundir.save(mngr, final,
+                             {"params": params, "opt_state": opt_state, "step": step},
+                             cfg_json, it)
         mngr.wait_until_finished()
         if last_eval[0] == final:
             ev = last_eval[1]
@@ -427,9 +427,9 @@ class Trainer:
         self.log(f"final @ step {final}: val_loss {ev['val_loss']:.4f}  "
                  f"val_accuracy {ev['val_accuracy']:.4f}  (train {fmt_time(train_s)}, "
                  f"compile {compile_s:.1f} s)")
-        self.log(f"checkpoints: {ckpt.checkpoint_dir(self.run_dir)}  (steps {mngr.all_steps()})")
-        self.log(f"metrics:     {os.path.join(self.run_dir, 'metrics.jsonl')}")
-        self.log(f"tensorboard: tensorboard --logdir {os.path.join(self.run_dir, 'tb')}")
+        self.log(f"checkpoints: {self.rundir.checkpoints_path}  (steps {mngr.all_steps()})")
+        self.log(f"metrics:     {self.rundir.metrics_path}")
+        self.log(f"tensorboard: tensorboard --logdir {self.rundir.tb_path}")
         return {"status": status, "step": final, "losses": losses, "history": history,
                 "eval": ev, "params": params, "train_s": train_s, "compile_s": compile_s,
                 "run_dir": self.run_dir}

@@ -1,4 +1,4 @@
-"""Token streams read from local files, with random access by token offset.
+"""Sources: token streams read from local files, with random access by token offset.
 
   text          the bytes of any file (byte-level, vocabulary 256), memory-mapped
   .npy          a 1-D integer array (memory-mapped)
@@ -9,6 +9,8 @@
 
 `stream.read(lo, hi)` returns (tokens int64 [hi-lo], record_start bool [hi-lo]); streams open
 their files lazily and drop them when pickled, so they travel to grain worker processes.
+`split_sizes(n, val_fraction)` is the train/held-out split of a stream (the held-out split is the
+tail).
 """
 from __future__ import annotations
 
@@ -141,3 +143,16 @@ def write_array_record(path: str, docs: Sequence[np.ndarray], dtype: str = "uint
             w.write(np.asarray(d, dtype=dtype).tobytes())
     finally:
         w.close()
+
+
+def split_sizes(n: int, val_fraction: float) -> tuple[int, int]:
+    """(training tokens, held-out tokens) of a stream of n tokens (the last val_fraction is
+    held out)."""
+    n_val = int(n * val_fraction)
+    return n - n_val, n_val
+
+
+def read_text(path: str) -> str:
+    """A local text file as str (UTF-8, undecodable bytes replaced)."""
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", errors="replace")

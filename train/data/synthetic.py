@@ -21,6 +21,8 @@ for byte-level models (vocabulary 256 bytes + BOS + EOS, `BYTE_VOCAB`).
 """
 from __future__ import annotations
 
+import importlib.resources
+import json
 import re
 import uuid as _uuid
 from functools import lru_cache
@@ -358,11 +360,23 @@ def key_multiplicities(adjs: Sequence[str], nouns: Sequence[str]) -> dict[str, i
     return counts
 
 
+WORDLISTS = "wordlists.json"   # package data of train.data (see its "about" and "license")
+
+
+@lru_cache(maxsize=1)
+def word_lists() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The adjective and noun lists of the `wonderwords` package (3.0.1), as vendored in
+    train/data/wordlists.json (MIT license, in the file), read on first use."""
+    text = importlib.resources.files(__package__).joinpath(WORDLISTS).read_text(encoding="utf-8")
+    d = json.loads(text)
+    return tuple(d["adjectives"]), tuple(d["nouns"])
+
+
 @lru_cache(maxsize=1)
 def _niah_words():
     """The de-duplicated adjective and noun lists (wonderwords) and the key multiplicities."""
-    from train.data._wordlists import ADJECTIVES, NOUNS
-    adjs, nouns = tuple(dict.fromkeys(ADJECTIVES)), tuple(dict.fromkeys(NOUNS))
+    adjectives, nouns = word_lists()
+    adjs, nouns = tuple(dict.fromkeys(adjectives)), tuple(dict.fromkeys(nouns))
     return adjs, nouns, key_multiplicities(adjs, nouns)
 
 

@@ -1,0 +1,232 @@
+"""The run directory: the one object that knows its layout. The trainer writes it and `python -m
+eval` / `python -m eval.table` read it, only through `RunDir`.
+
+  <run>/config.json       the resolved config (all sections) as JSON, written at start.
+  <run>/checkpoints/      an orbax CheckpointManager directory: one sub-directory per saved
+                          step, each with three items saved together (one step = one unit):
+                            "state"   StandardSave of {"params": <pure dict of the model's
+                                      nnx state>, "opt_state": <optax state over the same
+                                      pure dict>, "step": int32}
+                            "config"  JsonSave of the resolved config
+                            "data"    the grain iterator state (grain.checkpoint.CheckpointSave),
+                                      one file per process: process_<i>-of-<n>.json
+                          Incomplete (still writing, or killed) steps are ignored.
+  <run>/metrics.jsonl     one JSON object per logged step ({"step", "loss", "tokens_per_s",
+                          "mfu", ...}) and per evaluation ({"step", "split": "val",
+                          "val_loss", "val_accuracy", ...}).
+  <run>/tb/               tensorboardX event files.
+  <run>/eval/             `python -m eval`'s results (results.jsonl, .csv, plots) by default.
+  <run>/wall.json         the training wall time that `python -m eval.table` recorded.
+
+Parameters are stored as the *pure dict* of the model's nnx state (`nnx.to_pure_dict(state)`;
+`nnx.merge(graphdef, pure_dict)` rebuilds the model), float32.
+
+    run = RunDir(path)              # made absolute here, once; messages show `path` as given
+    run.write_config(resolved)      run.read_config()   (read once per object, then cached)
+    run.steps()  run.latest_step()  run.manager(...)  run.save(...)  run.restore(...)
+    run.restore_params(step=None, mesh=None) -> (model_name, model_cfg, graphdef, params)
+    run.metrics_writer(enabled)     run.config_path  .checkpoints_path  .metrics_path  .tb_path
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # imported where used: reading the layout needs neither JAX nor orbax
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+CONFIG_JSON = "config.json"
+CHECKPOINTS = "checkpoints"
+METRICS_JSONL = "metrics.jsonl"
+TB = "tb"
+EVAL = "eval"
+WALL_JSON = "wall.json"
+# the items of one checkpoint step
+STATE, CONFIG, DATA = "state", "config", "data"
+
+
+class RunDir:
+    """A run directory (it need not exist yet: the trainer creates it)."""
+
+    def __init__(self, path):
+        self.given = os.fspath(path)          # as the caller named it (error messages)
+        self.path = os.path.abspath(self.given)
+        self._config: ml_collections.ConfigDict | None = None
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.given!r})"
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    # -- paths
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.path))
+
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.path, CONFIG_JSON)
+
+    @property
+    def checkpoints_path(self) -> str:
+        return os.path.join(self.path, CHECKPOINTS)
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.path, METRICS_JSONL)
+
+    @property
+    def tb_path(self) -> str:
+        return os.path.join(self.path, TB)
+
+    @property
+    def eval_path(self) -> str:
+        return os.path.join(self.path, EVAL)
+
+    @property
+    def wall_path(self) -> str:
+        return os.path.join(self.path, WALL_JSON)
+
+    def step_path(self, step: int) -> str:
+        return os.path.join(self.checkpoints_path, str(int(step)))
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.path)
+
+    def create(self) -> None:
+        os.makedirs(self.path, exist_ok=True)
+
+    def _require(self) -> None:
+        if not self.exists():
+            raise FileNotFoundError(f"run directory {self.given!r} does not exist")
+
+    # -- the resolved config
+    def write_config(self, resolved) -> None:
+        """Write the resolved config (a ConfigDict or its JSON form) as config.json."""
+        from train import config as config_lib
+        os.makedirs(self.path, exist_ok=True)
+        with open(self.config_path, "w") as f:
+            json.dump(config_lib.to_jsonable(resolved), f, indent=2, sort_keys=True)
+        self._config = None
+
+    def read_config(self) -> ml_collections.ConfigDict:
+        """The resolved config of the run (config.json), read on the first call and kept."""
+        if self._config is None:
+            from train import config as config_lib
+            self._require()
+            if not os.path.isfile(self.config_path):
+                raise FileNotFoundError(f"{os.path.join(self.given, CONFIG_JSON)} not found: "
+                                        "not a seqzoo run directory")
+            with open(self.config_path) as f:
+                self._config = config_lib.from_jsonable(json.load(f))
+        return self._config
+
+    def model_config(self):
+        """(model name, typed model config) of the run's config."""
+        from train import config as config_lib
+        return config_lib.model_config_from(self.read_config())
+
+    # -- checkpoints
+    def steps(self) -> list[int]:
+        """Steps with a complete checkpoint, ascending ([] when none)."""
+        self._require()
+        d = self.checkpoints_path
+        if not os.path.isdir(d):
+            return []
+        # orbax writes a step under a temporary name and renames it when complete
+        return sorted(int(n) for n in os.listdir(d)
+                      if n.isdigit() and os.path.isdir(os.path.join(d, n, STATE)))
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def manager(self, *, keep: int = 3, async_save: bool = True,
+                read_only: bool = False) -> ocp.CheckpointManager:
+        """The orbax CheckpointManager of checkpoints/ (created unless read_only)."""
+        import orbax.checkpoint as ocp
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
+        return ocp.CheckpointManager(self.checkpoints_path, options=options)
+
+    def save(self, mngr: ocp.CheckpointManager, step: int, state: dict, cfg_json: dict,
+             data_iter=None) -> None:
+        """Save state + resolved config + grain iterator state as one step (async)."""
+        import orbax.checkpoint as ocp
+        items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(cfg_json)}
+        if data_iter is not None:
+            import grain
+            items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
+        mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, mngr: ocp.CheckpointManager, step: int, target: dict, data_iter=None) -> dict:
+        """Restore "state" onto `target` (ShapeDtypeStructs with shardings) and the iterator in
+        place.
+
+        The iterator state is read from this process's file `data/process_<i>-of-<n>.json`; when
+        the checkpoint was written by a different number of processes, from process 0's file (the
+        data package's iterator state is the number of global batches consumed, the same on every
+        process, so it restores onto any process count)."""
+        import jax
+        import orbax.checkpoint as ocp
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            **{STATE: ocp.args.StandardRestore(target)}))
+        if data_iter is not None:
+            data_dir = os.path.join(self.step_path(step), DATA)
+            own = os.path.join(data_dir,
+                               f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+            if not os.path.isfile(own):
+                own = sorted(glob.glob(os.path.join(data_dir, "process_0-of-*.json")))[0]
+            with open(own) as f:
+                data_iter.set_state(json.loads(f.read()))
+        return restored[STATE]
+
+    def restore_params(self, step: int | None = None, mesh=None):
+        """Restore only the parameters of a run onto the current devices.
+
+        Returns (model_name, model_cfg, graphdef, params) with params a pure dict (use
+        `nnx.merge(graphdef, params)` or the pure forms of zoo.lm). With `mesh`, parameters are
+        sharded by the logical-axis rules (train.sharding.RULES); otherwise replicated on all
+        devices. Raises FileNotFoundError for a missing run dir / checkpoint and ValueError for a
+        checkpoint whose parameters do not fit the model the config builds (naming the first bad
+        parameter).
+        """
+        import jax
+        from flax import nnx
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from train import checkpoint as ckpt
+        from train import config as config_lib
+        from train import sharding as sharding_lib
+        cfg = self.read_config()
+        steps = self.steps()
+        if not steps:
+            raise FileNotFoundError(f"run directory {self.given!r} has no complete checkpoint")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise FileNotFoundError(f"run directory {self.given!r} has no checkpoint at step "
+                                    f"{step} (steps: {steps})")
+        name, model_cfg = config_lib.model_config_from(cfg)
+        graphdef, state = ckpt.abstract_model(name, model_cfg)
+        if mesh is None:
+            mesh = sharding_lib.make_mesh((1, 1, -1))
+            shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), nnx.to_pure_dict(state))
+        else:
+            shardings = nnx.to_pure_dict(sharding_lib.param_shardings(state, mesh))
+        params = ckpt.restore_params_item(os.path.join(self.step_path(step), STATE),
+                                          nnx.to_pure_dict(state), shardings, model_name=name,
+                                          where=self.step_path(step))
+        return name, model_cfg, graphdef, params
+
+    # -- logs
+    def metrics_writer(self, enabled: bool = True):
+        """The writer of metrics.jsonl and tb/ (process 0 only: `enabled`)."""
+        from train.metrics import MetricsWriter
+        return MetricsWriter(self.metrics_path, self.tb_path, enabled=enabled)
