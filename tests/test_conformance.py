@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import zoo
-from layers.common import count_params
+from asserts import assert_close
 from train.sharding import batch_sharding, make_mesh, param_shardings
 
 NAMES = zoo.names()
@@ -26,6 +26,13 @@ def spec_of(name):
     spec = zoo.get(name).conformance
     assert spec is not None, f"model {name!r} is registered without a ConformanceSpec"
     return spec
+
+
+def overrides_key(name, overrides) -> tuple:
+    """The overrides that change the spec's config (sorted), so that a "reference" override equal
+    to the config itself shares the default build and its compiled functions."""
+    cfg = spec_of(name).config
+    return tuple(sorted((k, v) for k, v in dict(overrides).items() if getattr(cfg, k) != v))
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,14 +67,28 @@ def jitted(name):
     return full, stateful
 
 
-def scalar_loss(name, graphdef, params, x):
+def loss_of_logits(name, logits, x):
     """The LM loss (next-token cross-entropy); for a non-causal pooled entry, the cross-entropy of
     its pooled logits [B, classes] against labels derived from the tokens."""
     if zoo.get(name).causal:
-        return zoo.lm.loss(graphdef, params, {"inputs": x, "targets": jnp.roll(x, -1, axis=1)})[0]
-    logits = zoo.lm.forward(graphdef, params, x)[0]
+        ce, n = zoo.lm.cross_entropy(logits, jnp.roll(x, -1, axis=1), jnp.ones(x.shape))
+        return ce / n
     labels = x[:, 0] % logits.shape[-1]
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1))
+
+
+@functools.lru_cache(maxsize=None)
+def logits_and_grads(name, key=()):
+    """jit(params, tokens) -> (logits, d loss / d params) for the build with overrides `key`:
+    one compile gives both the forward and the gradients."""
+    _, graphdef, _ = setup(name, key)
+
+    def f(params, x):
+        logits = zoo.lm.forward(graphdef, params, x)[0]
+        return loss_of_logits(name, logits, x), logits
+
+    vg = jax.jit(jax.value_and_grad(f, has_aux=True))
+    return lambda params, x: (lambda out: (out[0][1], out[1]))(vg(params, x))
 
 
 def close(a, b, spec, what):
@@ -152,20 +173,17 @@ def test_fast_forms_equal_reference(name):
     x = tokens_for(name, 2, seed=2)
 
     def value_and_grad(overrides):
-        _, graphdef, params = setup(name, tuple(sorted(overrides.items())))
-        f = jax.jit(lambda p: scalar_loss(name, graphdef, p, x))
-        logits = zoo.lm.forward(graphdef, params, x)[0]
-        return logits, jax.grad(f)(params), params
+        key = overrides_key(name, overrides)
+        params = setup(name, key)[2]
+        return (*logits_and_grads(name, key)(params, x), params)
 
-    ref_logits, ref_grads, ref_params = value_and_grad(dict(spec.reference))
+    ref_logits, ref_grads, ref_params = value_and_grad(spec.reference)
     for fast in spec.fast:
-        logits, grads, params = value_and_grad(dict(fast))
+        logits, grads, params = value_and_grad(fast)
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), ref_params, params)
         close(logits, ref_logits, spec, f"forward of {fast}")
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=spec.atol * 10,
-                                                             rtol=spec.rtol * 10,
-                                                             err_msg=f"gradient of {fast}"),
-                     grads, ref_grads)
+        assert_close(grads, ref_grads, atol=spec.atol * 10, rtol=spec.rtol * 10,
+                     what=f"gradient of {fast}")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -173,7 +191,7 @@ def test_gradients_finite_and_jit_equals_eager(name):
     spec = spec_of(name)
     model, graphdef, params = setup(name)
     x = tokens_for(name, 2, seed=3)
-    grads = jax.jit(jax.grad(lambda p: scalar_loss(name, graphdef, p, x)))(params)
+    _, grads = logits_and_grads(name)(params, x)
     flat = jax.tree_util.tree_leaves_with_path(grads)
     for path, g in flat:
         assert np.all(np.isfinite(np.asarray(g))), f"non-finite gradient at {jax.tree_util.keystr(path)}"
@@ -203,17 +221,20 @@ def test_document_resets(name):
     entry, spec = zoo.get(name), spec_of(name)
     if not entry.resets:
         pytest.skip("model cannot reset its state at document starts (never fed packed data)")
-    _, graphdef, params = setup(name)
-    full, _ = jitted(name)
-    T = spec.length
+    model, graphdef, params = setup(name)
+    _, stateful = jitted(name)
+    B, T = len(spec.cuts), spec.length   # the prefill test's shapes: its compiled forward is reused
     a = T // 2 - 1
-    x = tokens_for(name, 2, seed=6)
-    seg = jnp.asarray(np.where(np.arange(T) < a, 0, 1)[None].repeat(2, 0), jnp.int32)
+    x = tokens_for(name, B, seed=6)
+    seg = jnp.asarray(np.where(np.arange(T) < a, 0, 1)[None].repeat(B, 0), jnp.int32)
     packed = jax.jit(lambda p, t, s: zoo.lm.forward(graphdef, p, t, segment_ids=s)[0])(params, x, seg)
-    alone = full(params, x[:, a:])
-    first = full(params, x[:, :a])
-    close(packed[:, a:], alone, spec, "second document of a packed row")
-    close(packed[:, :a], first, spec, "first document of a packed row")
+    t = np.arange(T)[None, :]
+    # doc B alone: shifted to the front, right padded (mask); doc A alone: the prefix of a run
+    second = jnp.take_along_axis(x, jnp.asarray(np.minimum(t + a, T - 1)).repeat(B, 0), axis=1)
+    alone, _ = stateful(params, second, model.init_state(B, T), jnp.asarray(t < T - a).repeat(B, 0))
+    first, _ = stateful(params, x, model.init_state(B, T), jnp.asarray(t < a).repeat(B, 0))
+    close(packed[:, a:], alone[:, :T - a], spec, "second document of a packed row")
+    close(packed[:, :a], first[:, :a], spec, "first document of a packed row")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -221,7 +242,7 @@ def test_param_count_formula(name):
     entry, spec = zoo.get(name), spec_of(name)
     assert entry.param_count is not None, f"{name} has no documented parameter-count formula"
     model, _, _ = setup(name)
-    assert count_params(nnx.state(model, nnx.Param)) == entry.param_count(spec.config)
+    assert zoo.lm.count_params(nnx.state(model, nnx.Param)) == entry.param_count(spec.config)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -17,10 +17,13 @@ from train import trainer as T
 from zoo import lm
 
 
+def _cfg(**kw):
+    return zoo.make_config("transformer", dict(dict(vocab_size=64, dim=32, n_layers=1, n_heads=2,
+                                                    ffn="swiglu", ffn_dim=64, max_len=16), **kw))
+
+
 def _model(**kw):
-    cfg = zoo.make_config("transformer", dict(dict(vocab_size=64, dim=32, n_layers=1, n_heads=2,
-                                                   ffn="swiglu", ffn_dim=64, max_len=16), **kw))
-    return zoo.build("transformer", cfg, nnx.Rngs(params=0))
+    return zoo.build("transformer", _cfg(**kw), nnx.Rngs(params=0))
 
 
 def _batch(B=8, T_=16, seed=0):
@@ -130,11 +133,14 @@ def test_config_rejects_unknown_remat_policy():
         C.resolve(cfg)
 
 
-def test_flops_per_token_matches_xla_on_unscanned_model():
-    """The analytic count against XLA's cost analysis of the compiled train gradient (the
-    Transformer's blocks are a Python loop, so XLA sees every FLOP)."""
+def test_flops_per_token_is_the_registry_declaration_and_matches_xla():
+    """The trainer's count is the model's registry declaration; at dim 64 it agrees with XLA's
+    cost analysis of the compiled train gradient (the Transformer's blocks are a Python loop and
+    the reference attention has no scan, so XLA sees every FLOP)."""
     T_ = 64
-    model = _model(dim=64, n_heads=4, ffn_dim=128, max_len=T_, attn_impl="reference")
+    cfg = _cfg(dim=64, n_heads=4, ffn_dim=128, max_len=T_, impl="reference")
+    model = zoo.build("transformer", cfg, nnx.Rngs(params=0))
+    assert mfu.flops_per_token("transformer", cfg, T_) == zoo.get("transformer").flops(cfg, T_)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     B = 4
@@ -142,7 +148,7 @@ def test_flops_per_token_matches_xla_on_unscanned_model():
     f = jax.jit(jax.grad(lambda p: lm.loss(graphdef, p, batch)[0]))
     xla = f.lower(params).compile().cost_analysis()
     xla = xla[0] if isinstance(xla, list) else xla
-    analytic = mfu.flops_per_token(model, T_) * B * T_
+    analytic = mfu.flops_per_token("transformer", cfg, T_) * B * T_
     # XLA also counts softmax, norms and elementwise work, which the analytic count leaves out
     assert 0.9 * analytic < xla["flops"] < 1.35 * analytic, (xla["flops"], analytic)
 

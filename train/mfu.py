@@ -1,12 +1,10 @@
-"""Model FLOPs utilisation: an analytic FLOP count per token and the peak of the devices.
+"""Model FLOPs utilisation: the analytic FLOP count per token and the peak of the devices.
 
-FLOPs per trained token (forward + backward) = 6 * N_matmul + attention term, where N_matmul
-counts the parameters used in matrix products (every parameter except embedding tables that are
-only looked up: the input table when the head is untied, learned positions) and the attention
-term is 12 * sum over attention layers of (heads * head_dim * keys per query), the PaLM
-convention (keys = sequence length, or the window + 1 for sliding-window layers; no causal
-halving). Work inside recurrent scans that is not a parameter product (state updates) is not
-counted. XLA's cost analysis is not used: it counts a while/scan body once.
+FLOPs per trained token (forward + backward) are declared by every registry entry beside its
+parameter count (`zoo.register(..., flops=...)`; the convention is in `zoo.lm`: every product,
+attention and the scans' state updates included). XLA's cost analysis is not used at run time:
+it counts a while/scan body once (tests/test_flops.py compares the declarations to it with the
+loops unrolled).
 
 Peak: a table of known accelerators (dense bf16 FLOP/s per device); on CPU a short float32
 matmul probe on the first device measures the host's peak (the host's cores are shared by its
@@ -19,7 +17,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+
+import zoo
 
 # dense bf16 peak FLOP/s per device (vendor datasheets)
 PEAK_FLOPS = {
@@ -75,32 +74,10 @@ def total_peak_flops(probe: bool = True) -> float | None:
     return None if per is None else per * len(devs)
 
 
-def _embedding_only_params(model) -> int:
-    """Parameters only looked up: untied input embeddings and learned position tables."""
-    from layers.embed import Embed, LearnedPositions
-    n = 0
-    head_tied = getattr(model, "head", 1) is None
-    for _, m in nnx.iter_modules(model):
-        if isinstance(m, LearnedPositions):
-            n += sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
-        elif isinstance(m, Embed) and not head_tied:
-            n += sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
-    return n
-
-
-def attention_layers(model) -> list[tuple[int, int, int | None]]:
-    """(heads, head_dim, window) of every attention layer in the model."""
-    from layers.attention import Attention
-    return [(m.n_heads, m.head_dim, m.window) for _, m in nnx.iter_modules(model)
-            if isinstance(m, Attention)]
-
-
-def flops_per_token(model, seq_len: int) -> float:
-    """Analytic training FLOPs per token (forward + backward), see the module docstring."""
-    n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    n_matmul = n_params - _embedding_only_params(model)
-    attn = 0.0
-    for heads, hd, window in attention_layers(model):
-        keys = seq_len if window is None else min(seq_len, window + 1)
-        attn += 12.0 * heads * hd * keys
-    return 6.0 * n_matmul + attn
+def flops_per_token(name: str, model_cfg, seq_len: int) -> float:
+    """Analytic training FLOPs per token (forward + backward) that model `name` declares in the
+    registry (`zoo.lm` documents the convention; tests/test_flops.py checks every entry)."""
+    entry = zoo.get(name)
+    if entry.flops is None:
+        raise ValueError(f"model {name!r} declares no training FLOPs per token")
+    return float(entry.flops(model_cfg, seq_len))

@@ -170,8 +170,7 @@ def build_setup(cfg, model_cfg, devices=None) -> Setup:
     step = make_train_step(graphdef, opt, aux_weights=dict(t.aux_weights), grad_accum=t.grad_accum,
                            dropout_seed=(t.seed + 1 if t.dropout else None),
                            batch_spec=sh.BATCH_AXES_SPEC)
-    model = nnx.merge(graphdef, state)
-    fpt = mfu_lib.flops_per_token(model, cfg.data.seq_len)
+    fpt = mfu_lib.flops_per_token(name, model_cfg, cfg.data.seq_len)
     return Setup(cfg=cfg, model_name=name, model_cfg=model_cfg, mesh=mesh, graphdef=graphdef,
                  abstract_params=abstract_params, param_shardings=p_sh, opt=opt,
                  opt_shardings=o_sh, train_step=step, eval_step=make_eval_step(graphdef),

@@ -186,6 +186,45 @@ def remat_policy(name: str):
     return policies[name]
 
 
+# ----------------------------------------------------------------------------- FLOPs
+# Training FLOPs per token, as every registry entry declares them (`register(..., flops=...)`):
+# 3 x the forward FLOPs (the backward of a product is two products of the same size), where the
+# forward counts 2 per multiply-add of every product: projections, the LM head, attention scores
+# and values (keys per query: the whole causal prefix, no causal halving, as PaLM counts; the
+# window + 1 for sliding-window layers), and the products inside scans and state updates
+# (recurrent states, test-time memories). Elementwise work (norms, activations, gates, softmax)
+# is not counted. tests/test_flops.py checks every entry against XLA's cost analysis of its
+# training step with every loop unrolled.
+
+TRAIN_FACTOR = 3.0
+
+
+def dense_flops(n_in: int, n_out: int) -> float:
+    """Forward FLOPs per token of an [n_in, n_out] product."""
+    return 2.0 * n_in * n_out
+
+
+def attention_flops(n_heads: int, head_dim: int, keys: int, value_dim: int | None = None) -> float:
+    """Forward FLOPs per query of softmax attention over `keys` keys: scores q.k and the
+    weighted sum of values (`value_dim` per head, default `head_dim`)."""
+    return 2.0 * n_heads * keys * (head_dim + (head_dim if value_dim is None else value_dim))
+
+
+def causal_keys(seq_len: int, window: int | None = None, extra: int = 0) -> int:
+    """Keys per query in the FLOP convention above: the prefix (seq_len), or window + 1 keys
+    for a sliding window, plus `extra` always-visible keys (persistent tokens)."""
+    keys = seq_len if window is None else min(seq_len, window + 1)
+    return keys + extra
+
+
+def lm_flops(blocks_forward: float | Sequence[float], *, vocab_size: int, dim: int) -> float:
+    """Training FLOPs per token of a `build_lm` model: 3 x (the blocks' forward FLOPs per token,
+    one number each or their sum, + the LM head's [dim, vocab] product); the embedding lookup
+    is free."""
+    blocks = blocks_forward if isinstance(blocks_forward, (int, float)) else sum(blocks_forward)
+    return TRAIN_FACTOR * (blocks + dense_flops(dim, vocab_size))
+
+
 # ----------------------------------------------------------------------------- pure forms
 
 def forward(graphdef, params, tokens, state=None, *, mask=None, segment_ids=None, key=None):

@@ -33,6 +33,7 @@ class ConformanceSpec:
     rtol: float = 1e-5
     decode: bool = True          # token-by-token decode equality applies
     check_margins: Callable | None = None  # (model, tokens) -> None; asserts decision margins
+    flops_config: Any = None     # the config tests/test_flops.py checks (None: `config`)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Entry:
     resets: bool = True
     max_len: Callable[[Any], int | None] = lambda cfg: None
     param_count: Callable[[Any], int] | None = None
+    flops: Callable[[Any, int], float] | None = None
     conformance: ConformanceSpec | None = None
     family: str = ""
 
@@ -54,14 +56,20 @@ _REGISTRY: dict[str, Entry] = {}
 def register(name: str, *, config: type, causal: bool = True, resets: bool = True,
              max_len: Callable[[Any], int | None] | None = None,
              param_count: Callable[[Any], int] | None = None,
+             flops: Callable[[Any, int], float] | None = None,
              conformance: ConformanceSpec | None = None):
-    """Decorator registering `build(cfg, rngs) -> model` under `name`."""
+    """Decorator registering `build(cfg, rngs) -> model` under `name`.
+
+    param_count(cfg): the documented parameter count. flops(cfg, seq_len): the analytic
+    training FLOPs per token (forward + backward of every product, scans and state updates
+    included; `zoo.lm` has the shared pieces), checked against XLA by tests/test_flops.py.
+    """
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = Entry(name=name, config_cls=config, build=fn, causal=causal,
                                 resets=resets, max_len=max_len or (lambda cfg: None),
-                                param_count=param_count, conformance=conformance,
+                                param_count=param_count, flops=flops, conformance=conformance,
                                 family=fn.__module__.rsplit(".", 1)[-1])
         return fn
     return deco
