@@ -7,7 +7,7 @@ model's implementation forms (its reference form against its fast forms), measur
 Each model starts from the tiny config of its registered ConformanceSpec; `--set` overrides the
 fields a config has (others are ignored for that model). The variants of a model are its
 `reference` overrides and each of its `fast` overrides (`--set` wins over both, e.g. to bench a
-real kernel block size). Ratios are within this run: `vs_ref` is
+real kernel block size: `--set=block=64`). Ratios are within this run: `vs_ref` is
 the variant's time over the model's reference form; `vs_<baseline>` is over the baseline model's
 first variant at the same length. Absolute times on a shared CPU are noisy; compare ratios.
 """

@@ -63,12 +63,36 @@ def _torch_linear(dim_in: int, dim_out: int, rngs: nnx.Rngs, axes, scale: float 
     return lin
 
 
+# ----------------------------------------------------------------------------- the mixer contract
+
+class SelectiveSSMMixer(nnx.Module):
+    """The mixer contract shared by `MambaMixer` and `Mamba2Mixer`: the state is the causal conv
+    history, a float32 SSM state of `ssm_shape` and the next position; a call derives the real
+    and document-start flags (`call_flags`) and runs the subclass's `mix` (its level-1 maths)."""
+
+    def mix(self, x: Array, state: SSMState, mask: Array, starts: Array) -> tuple[Array, SSMState]:
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int, max_len: int | None = None) -> SSMState:
+        return SSMState(conv=self.conv.init_state(batch_size),
+                        ssm=jnp.zeros((batch_size, *self.ssm_shape), jnp.float32),
+                        pos=jnp.zeros((batch_size,), jnp.int32))
+
+    def __call__(self, x: Array, state: SSMState | None = None, *, mask=None, segment_ids=None,
+                 context=None, deterministic: bool = True, key=None):
+        B, T, _ = x.shape
+        state = self.init_state(B) if state is None else state
+        m, starts, next_pos = call_flags(state.pos, mask, segment_ids, B, T)
+        y, new = self.mix(x, state, m, starts)
+        return y, new.replace(pos=next_pos), {}
+
+
 # ----------------------------------------------------------------------------- Mamba-1 maths
 
-@functools.partial(jax.jit, static_argnames=("d_state", "dt_rank", "exact_zoh", "impl", "chunk"))
+@functools.partial(jax.jit, static_argnames=("d_state", "dt_rank", "exact_zoh", "impl", "block"))
 def mamba_mixer(p: dict[str, Array], u: Array, state: SSMState, mask: Array, starts: Array, *,
                 d_state: int, dt_rank: int, exact_zoh: bool = False, impl: str = "auto",
-                chunk: int = 64) -> tuple[Array, SSMState]:
+                block: int = 16) -> tuple[Array, SSMState]:
     """One Mamba-1 mixer (specs/mamba.md §3.1). p: in_proj [D, 2Di], conv_w [Di, K],
     conv_b [Di] | None, x_proj [Di, R+2N], dt_w [R, Di], dt_b [Di], A_log [Di, N], D [Di],
     out_proj [Di, D]. u: [B, T, D]; mask, starts: [B, T] bool."""
@@ -86,24 +110,25 @@ def mamba_mixer(p: dict[str, Array], u: Array, state: SSMState, mask: Array, sta
     dt = jnp.where(mask[..., None], dt, 0.0)            # pads: decay 1, no input
     A = -jnp.exp(p["A_log"].astype(jnp.float32))
     y, h = selective_scan(x, dt, A, Bm, C, h0=state.ssm, reset=starts & mask,
-                          exact_zoh=exact_zoh, impl=impl, chunk=chunk)
+                          exact_zoh=exact_zoh, impl=impl, block=block)
     y = y + p["D"].astype(jnp.float32) * x.astype(jnp.float32)
     y = (y * jax.nn.silu(z.astype(jnp.float32))).astype(u.dtype)
     out = jnp.einsum("bte,ed->btd", y, p["out_proj"].astype(y.dtype))
     return out, SSMState(conv=conv_state, ssm=h, pos=state.pos)
 
 
-class MambaMixer(nnx.Module):
-    """Mamba-1 mixer with the reference initialisation (specs/mamba.md §5.1)."""
+class MambaMixer(SelectiveSSMMixer):
+    """Mamba-1 mixer with the reference initialisation (specs/mamba.md §5.1); `impl` and `block`
+    choose the `selective_scan` op's form and block size (neither changes the function)."""
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs, d_inner: int, d_state: int = 16,
                  d_conv: int = 4, dt_rank: int | None = None, dt_min: float = 1e-3,
                  dt_max: float = 0.1, dt_init_floor: float = 1e-4, dt_scale: float = 1.0,
                  dt_init: str = "random", conv_bias: bool = True, exact_zoh: bool = False,
-                 out_scale: float = 1.0, impl: str = "auto", chunk: int = 16):
+                 out_scale: float = 1.0, impl: str = "auto", block: int = 16):
         R = dt_rank or math.ceil(dim / 16)
         self.d_inner, self.d_state, self.d_conv, self.dt_rank = d_inner, d_state, d_conv, R
-        self.exact_zoh, self.impl, self.chunk = exact_zoh, impl, chunk
+        self.exact_zoh, self.impl, self.block = exact_zoh, impl, block
         self.in_proj = _torch_linear(dim, 2 * d_inner, rngs, ("embed", "inner"))
         self.conv = CausalConv1d(d_inner, d_conv, rngs=rngs, use_bias=conv_bias)
         self.x_proj = _torch_linear(d_inner, R + 2 * d_state, rngs, ("inner", None))
@@ -129,30 +154,24 @@ class MambaMixer(nnx.Module):
                 "x_proj": self.x_proj.weight[...], "dt_w": self.dt_w[...], "dt_b": self.dt_b[...],
                 "A_log": self.A_log[...], "D": self.D[...], "out_proj": self.out_proj.weight[...]}
 
-    def init_state(self, batch_size: int, max_len: int | None = None) -> SSMState:
-        return SSMState(conv=self.conv.init_state(batch_size),
-                        ssm=jnp.zeros((batch_size, self.d_inner, self.d_state), jnp.float32),
-                        pos=jnp.zeros((batch_size,), jnp.int32))
+    @property
+    def ssm_shape(self) -> tuple[int, ...]:
+        return (self.d_inner, self.d_state)
 
-    def __call__(self, x: Array, state: SSMState | None = None, *, mask=None, segment_ids=None,
-                 context=None, deterministic: bool = True, key=None):
-        B, T, _ = x.shape
-        state = self.init_state(B) if state is None else state
-        m, starts, next_pos = call_flags(state.pos, mask, segment_ids, B, T)
-        y, new = mamba_mixer(self.arrays(), x, state, m, starts, d_state=self.d_state,
-                             dt_rank=self.dt_rank, exact_zoh=self.exact_zoh, impl=self.impl,
-                             chunk=self.chunk)
-        return y, new.replace(pos=next_pos), {}
+    def mix(self, x: Array, state: SSMState, mask: Array, starts: Array):
+        return mamba_mixer(self.arrays(), x, state, mask, starts, d_state=self.d_state,
+                           dt_rank=self.dt_rank, exact_zoh=self.exact_zoh, impl=self.impl,
+                           block=self.block)
 
 
 # ----------------------------------------------------------------------------- Mamba-2 maths
 
 @functools.partial(jax.jit, static_argnames=("n_heads", "n_groups", "d_state", "eps", "dt_limit",
-                                             "impl", "chunk"))
+                                             "impl", "block"))
 def mamba2_mixer(p: dict[str, Array], u: Array, state: SSMState, mask: Array, starts: Array, *,
                  n_heads: int, n_groups: int, d_state: int, eps: float,
                  dt_limit: tuple[float, float] = (0.0, math.inf), impl: str = "auto",
-                 chunk: int = 64) -> tuple[Array, SSMState]:
+                 block: int = 64) -> tuple[Array, SSMState]:
     """One Mamba-2 mixer (specs/mamba.md §9; details as Hugging Face's Mamba2Mixer).
     p: in_proj [D, 2Di + 2GN + H] (columns z | xBC | dt), conv_w [Di+2GN, K], conv_b,
     dt_bias [H], A_log [H], D [H], norm [Di], out_proj [Di, D]."""
@@ -174,7 +193,7 @@ def mamba2_mixer(p: dict[str, Array], u: Array, state: SSMState, mask: Array, st
         dt = jnp.clip(dt, dt_limit[0], dt_limit[1])
     dt = jnp.where(mask[..., None], dt, 0.0)            # pads: decay 1, no input
     A = -jnp.exp(p["A_log"].astype(jnp.float32))
-    y, h = ssd(x, dt, A, Bm, C, h0=state.ssm, reset=starts & mask, impl=impl, chunk=chunk)
+    y, h = ssd(x, dt, A, Bm, C, h0=state.ssm, reset=starts & mask, impl=impl, block=block)
     y = y + p["D"].astype(jnp.float32)[:, None] * x.astype(jnp.float32)
     y = gated_rms_norm(y.reshape(Bsz, T, Di), z, p["norm"], eps, norm_before_gate=False,
                        group_size=Di // G).astype(u.dtype)
@@ -182,9 +201,10 @@ def mamba2_mixer(p: dict[str, Array], u: Array, state: SSMState, mask: Array, st
     return out, SSMState(conv=conv_state, ssm=h, pos=state.pos)
 
 
-class Mamba2Mixer(nnx.Module):
+class Mamba2Mixer(SelectiveSSMMixer):
     """Mamba-2 mixer with the reference initialisation (A_log = log U(A_init_range) per head,
-    dt_bias as Mamba-1's, D = 1 per head, gated RMSNorm weight 1)."""
+    dt_bias as Mamba-1's, D = 1 per head, gated RMSNorm weight 1); `impl` and `block` choose the
+    `ssd` op's form and block size (neither changes the function)."""
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs, d_inner: int, head_dim: int = 64,
                  d_state: int = 128, n_groups: int = 1, d_conv: int = 4, dt_min: float = 1e-3,
@@ -192,14 +212,14 @@ class Mamba2Mixer(nnx.Module):
                  A_init_range: tuple[float, float] = (1.0, 16.0),
                  dt_limit: tuple[float, float] = (0.0, math.inf), conv_bias: bool = True,
                  norm_eps: float = 1e-5, out_scale: float = 1.0, impl: str = "auto",
-                 chunk: int = 64):
+                 block: int = 64):
         if d_inner % head_dim or (d_inner // head_dim) % n_groups:
             raise ValueError(f"d_inner={d_inner} must split into heads of {head_dim} channels, "
                              f"a multiple of n_groups={n_groups} of them")
         H = d_inner // head_dim
         self.d_inner, self.head_dim, self.n_heads, self.n_groups = d_inner, head_dim, H, n_groups
         self.d_state, self.d_conv, self.norm_eps = d_state, d_conv, norm_eps
-        self.dt_limit, self.impl, self.chunk = tuple(dt_limit), impl, chunk
+        self.dt_limit, self.impl, self.block = tuple(dt_limit), impl, block
         conv_dim = d_inner + 2 * n_groups * d_state
         self.in_proj = _torch_linear(dim, 2 * d_inner + 2 * n_groups * d_state + H, rngs,
                                      ("embed", "inner"))
@@ -220,18 +240,11 @@ class Mamba2Mixer(nnx.Module):
                 "dt_bias": self.dt_bias[...], "A_log": self.A_log[...], "D": self.D[...],
                 "norm": self.norm.weight[...], "out_proj": self.out_proj.weight[...]}
 
-    def init_state(self, batch_size: int, max_len: int | None = None) -> SSMState:
-        return SSMState(conv=self.conv.init_state(batch_size),
-                        ssm=jnp.zeros((batch_size, self.n_heads, self.head_dim, self.d_state),
-                                      jnp.float32),
-                        pos=jnp.zeros((batch_size,), jnp.int32))
+    @property
+    def ssm_shape(self) -> tuple[int, ...]:
+        return (self.n_heads, self.head_dim, self.d_state)
 
-    def __call__(self, x: Array, state: SSMState | None = None, *, mask=None, segment_ids=None,
-                 context=None, deterministic: bool = True, key=None):
-        B, T, _ = x.shape
-        state = self.init_state(B) if state is None else state
-        m, starts, next_pos = call_flags(state.pos, mask, segment_ids, B, T)
-        y, new = mamba2_mixer(self.arrays(), x, state, m, starts, n_heads=self.n_heads,
-                              n_groups=self.n_groups, d_state=self.d_state, eps=self.norm_eps,
-                              dt_limit=self.dt_limit, impl=self.impl, chunk=self.chunk)
-        return y, new.replace(pos=next_pos), {}
+    def mix(self, x: Array, state: SSMState, mask: Array, starts: Array):
+        return mamba2_mixer(self.arrays(), x, state, mask, starts, n_heads=self.n_heads,
+                            n_groups=self.n_groups, d_state=self.d_state, eps=self.norm_eps,
+                            dt_limit=self.dt_limit, impl=self.impl, block=self.block)

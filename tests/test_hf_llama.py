@@ -1,7 +1,6 @@
 """Llama checkpoints from the real `transformers` library reproduce its logits (fixtures made by
 tests/fixtures/make_hf_fixtures.py; nothing in them is computed by seqzoo)."""
 import json
-import os
 import pathlib
 import shutil
 

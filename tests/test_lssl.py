@@ -1,6 +1,9 @@
 """LSSL invariants (specs/lssl.md §7 and contract notes): HiPPO closed forms, the structured
 parameterisation, discretisations, the three views equal (float64), chunked convolution with
-state passing == recurrence, trainable A and dt, dt independent of the call length."""
+state passing == recurrence, trainable A and dt, dt independent of the call length.
+
+The recurrence and the chunked convolution are the `lssl` op (pallas_kernels/lssl/); the
+full-length FFT convolution and the associative scan below are test-only views of the same map."""
 import dataclasses
 
 import jax
@@ -10,12 +13,67 @@ import pytest
 from flax import nnx
 
 import zoo
-from layers.lssl import (HIPPO, LSSLMixer, chunked_conv, conv_view, discretize, gbt, hippo_lagt,
-                         hippo_legs, hippo_legt, krylov, recurrent_view, scan_view,
-                         lssl_ssm, ssm_kernel, structured_A, structured_init, zoh)
+from layers.lssl import (
+    HIPPO,
+    LSSLMixer,
+    discretize,
+    gbt,
+    hippo_lagt,
+    hippo_legs,
+    hippo_legt,
+    lssl_ssm,
+    structured_A,
+    structured_init,
+    zoh,
+)
+from pallas_kernels.common import upcast
+from pallas_kernels.lssl import chunked, reference
+from pallas_kernels.lssl.chunked import krylov, ssm_kernel
 from zoo.lssl import LSSLConfig, classifier_loss
 
 STRUCT = ("p", "q", "dg", "t_diag", "t_sub", "t_sup")
+
+
+@jax.jit
+def conv_view(u, Abar, Bbar, C, D, s=None):
+    """View 2 (§2.4): y = K * u (FFT of length >= 2L, no wrap-around) + D u + C Abar^{k+1} s,
+    with the kernel generated for this call's length; x_final = Abar^L s
+    + sum_j Abar^{L-1-j} Bbar u_j."""
+    u, Abar, Bbar, C, D = upcast(u, Abar, Bbar, C, D)
+    Bsz, L, H = u.shape
+    Kr = krylov(L, Abar, Bbar)                                   # [H, N, L]
+    K = jnp.einsum("hmn,hnl->hml", C, Kr)
+    n = int(2 ** np.ceil(np.log2(2 * L)))
+    yf = jnp.fft.rfft(K, n)[None] * jnp.fft.rfft(jnp.moveaxis(u, 1, 2), n)[:, :, None]
+    y = jnp.fft.irfft(yf, n)[..., :L]                            # [B, H, M, L]
+    y = jnp.moveaxis(y, -1, 1) + D * u[..., None]
+    x = jnp.einsum("hnl,bhl->bhn", Kr[..., ::-1], jnp.moveaxis(u, 1, 2))
+    if s is not None:
+        Xs = krylov(L + 1, Abar, upcast(s))                      # [B, H, N, L+1]: Abar^k s
+        y = y + jnp.moveaxis(jnp.einsum("hmn,bhnl->bhml", C, Xs[..., 1:]), -1, 1)
+        x = x + Xs[..., L]
+    return y, x
+
+
+@jax.jit
+def scan_view(u, Abar, Bbar, C, D, s=None):
+    """View 3: an associative scan over (Abar, Bbar u_k) pairs with the operator
+    (A_i, b_i) o (A_j, b_j) = (A_j A_i, A_j b_i + b_j) (materialises L copies of Abar)."""
+    u, Abar, Bbar, C, D = upcast(u, Abar, Bbar, C, D)
+    Bsz, L, H = u.shape
+    b = jnp.moveaxis(Bbar * u[..., None], 1, 0)                  # [L, B, H, N]
+    if s is not None:
+        b = b.at[0].add(jnp.einsum("hnm,bhm->bhn", Abar, upcast(s)))
+    As = jnp.broadcast_to(Abar, (L, *Abar.shape))
+
+    def op(a, c):
+        Ai, bi = a
+        Aj, bj = c
+        return Aj @ Ai, jnp.einsum("lhnm,lbhm->lbhn", Aj, bi) + bj
+
+    _, xs = jax.lax.associative_scan(op, (As, b))
+    y = jnp.einsum("hkn,lbhn->blhk", C, xs) + D * u[..., None]
+    return y, xs[-1]
 
 
 def test_hippo_closed_forms():
@@ -106,7 +164,7 @@ def test_three_views_equal_float64():
         u, Ab, Bb, C, D, s = _views_inputs()
         L = u.shape[1]
         for state in (None, s):
-            y_r, x_r = recurrent_view(u, Ab, Bb, C, D, state)
+            y_r, x_r = reference.lssl(u, Ab, Bb, C, D, state)
             for view in (conv_view, scan_view):
                 y, x = view(u, Ab, Bb, C, D, state)
                 np.testing.assert_allclose(y, y_r, rtol=1e-10, atol=1e-10, err_msg=view.__name__)
@@ -117,7 +175,7 @@ def test_three_views_equal_float64():
             for j in range(t + 1):
                 Toe[t, j] = K[..., t - j]
         y_t = np.einsum("tjhm,bjh->bthm", Toe, np.asarray(u)) + np.asarray(D) * np.asarray(u)[..., None]
-        y_r, _ = recurrent_view(u, Ab, Bb, C, D)
+        y_r, _ = reference.lssl(u, Ab, Bb, C, D)
         np.testing.assert_allclose(y_t, y_r, rtol=1e-10, atol=1e-10)
 
 
@@ -142,17 +200,17 @@ def test_chunked_conv_with_state_equals_recurrence():
         L = u.shape[1]
         mask = jnp.arange(L)[None] < jnp.asarray([[L], [17]])
         reset = jnp.zeros((2, L), bool).at[0, 9].set(True).at[1, 4].set(True).at[1, 16].set(True)
-        y_r, x_r = recurrent_view(u, Ab, Bb, C, D, s, mask, reset)
+        y_r, x_r = reference.lssl(u, Ab, Bb, C, D, s, mask, reset)
         for Q in (1, 4, 8, 16, 64):
-            y, x = chunked_conv(u, Ab, Bb, C, D, s, mask, reset, chunk=Q)
+            y, x = chunked.lssl(u, Ab, Bb, C, D, s, mask, reset, block=Q)
             m = np.asarray(mask)[..., None, None]
             np.testing.assert_allclose(np.asarray(y) * m, np.asarray(y_r) * m, rtol=1e-10,
                                        atol=1e-10, err_msg=f"chunk {Q}")
             np.testing.assert_allclose(x, x_r, rtol=1e-10, atol=1e-10, err_msg=f"state, chunk {Q}")
         # splitting the sequence and carrying the state == one pass (§7.5)
-        y1, x1 = chunked_conv(u[:, :11], Ab, Bb, C, D, s, chunk=8)
-        y2, x2 = chunked_conv(u[:, 11:], Ab, Bb, C, D, x1, chunk=8)
-        y_full, x_full = recurrent_view(u, Ab, Bb, C, D, s)
+        y1, x1 = chunked.lssl(u[:, :11], Ab, Bb, C, D, s, block=8)
+        y2, x2 = chunked.lssl(u[:, 11:], Ab, Bb, C, D, x1, block=8)
+        y_full, x_full = reference.lssl(u, Ab, Bb, C, D, s)
         np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y_full, rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(x2, x_full, rtol=1e-10, atol=1e-10)
 
@@ -162,7 +220,7 @@ def test_conv_kernel_uses_the_call_length():
     convolution view generates it for the call's length, so it equals the recurrence at any L."""
     with jax.enable_x64():
         u, Ab, Bb, C, D, _ = _views_inputs(L=40, seed=2)
-        y_r, _ = recurrent_view(u, Ab, Bb, C, D)
+        y_r, _ = reference.lssl(u, Ab, Bb, C, D)
         K_short = ssm_kernel(8, Ab, Bb, C)
         y_trunc = np.zeros_like(np.asarray(y_r))
         for t in range(40):
@@ -176,8 +234,8 @@ def test_conv_kernel_uses_the_call_length():
 def test_float32_views_agree():
     """§7.3 in float32 (the layer's precision): rtol 1e-4 as the spec recommends."""
     u, Ab, Bb, C, D, s = (a.astype(jnp.float32) for a in _views_inputs(seed=3))
-    y_r, x_r = recurrent_view(u, Ab, Bb, C, D, s)
-    y_c, x_c = chunked_conv(u, Ab, Bb, C, D, s, chunk=16)
+    y_r, x_r = reference.lssl(u, Ab, Bb, C, D, s)
+    y_c, x_c = chunked.lssl(u, Ab, Bb, C, D, s, block=16)
     np.testing.assert_allclose(y_c, y_r, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(x_c, x_r, rtol=1e-4, atol=1e-4)
 
@@ -205,7 +263,7 @@ def test_continuous_time_first_order_convergence():
             n = int(round(Tend / dt))
             u = jnp.asarray(f(dt * np.arange(1, n + 1)))[None, :, None]
             Ab, Bb = gbt(jnp.asarray(A), jnp.asarray(B), jnp.asarray([dt]))
-            _, xs = recurrent_view(u, Ab, Bb, jnp.eye(N)[None], jnp.zeros((1, N)))
+            _, xs = reference.lssl(u, Ab, Bb, jnp.eye(N)[None], jnp.zeros((1, N)))
             errs.append(np.abs(np.asarray(xs[0, 0]) - x).max())
         ratios = [errs[0] / errs[1], errs[1] / errs[2]]
         assert all(1.7 < r < 2.3 for r in ratios), (errs, ratios)
@@ -317,3 +375,24 @@ def test_gauss_jordan_solve_matches_lapack_with_pivoting_and_gradients():
         f = lambda fn: jax.grad(lambda m, r: jnp.sum(jnp.sin(fn(m, r)) * W), argnums=(0, 1))(M, R)
         for a, b in zip(f(solve), f(jnp.linalg.solve)):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_impl_vocabulary():
+    """`auto` runs the recurrence on CPU (the LSSL's default there); an implementation the `lssl`
+    op lacks is rejected by the op and, naming the key, by the config."""
+    from pallas_kernels.impl import on_cpu
+    from pallas_kernels.lssl import lssl
+    u, Ab, Bb, C, D, s = (a.astype(jnp.float32) for a in _views_inputs(L=9, seed=4))
+    y_a, x_a = lssl(u, Ab, Bb, C, D, h0=s)
+    y_r, x_r = reference.lssl(u, Ab, Bb, C, D, s)
+    if on_cpu():
+        np.testing.assert_array_equal(y_a, y_r)
+        np.testing.assert_array_equal(x_a, x_r)
+    y_c, _ = lssl(u, Ab, Bb, C, D, h0=s, impl="chunked", block=4)
+    np.testing.assert_allclose(y_c, y_r, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="lssl: impl='pallas' is not available"):
+        lssl(u, Ab, Bb, C, D, impl="pallas")
+    with pytest.raises(ValueError, match="model.impl='pallas_interpret': op 'lssl'"):
+        zoo.make_config("lssl", {"impl": "pallas_interpret"})
+    with pytest.raises(ValueError, match="model.block"):
+        zoo.make_config("lssl_classifier", {"block": 0})

@@ -11,8 +11,7 @@ from flax import nnx
 import zoo
 from layers.ssm import Mamba2Mixer, MambaMixer, inv_softplus
 from pallas_kernels.selective_scan import reference as ss_ref
-from zoo.mamba import (Mamba2Config, MambaConfig, mamba2_param_count, mamba_param_count,
-                       mamba_preset)
+from zoo.mamba import Mamba2Config, MambaConfig, mamba2_param_count, mamba_param_count, mamba_preset
 
 
 def test_param_count_of_released_shapes():
@@ -127,7 +126,7 @@ def test_mixer_decode_equals_forward(exact_zoh):
     """§7.3: prefill(L0) + step-by-step decode == the full forward, L0 in {0, 1, K-1, K, 17},
     through the mixer alone (the LM-level equality is in the conformance suite)."""
     m = MambaMixer(16, rngs=nnx.Rngs(params=0), d_inner=32, d_state=4, exact_zoh=exact_zoh,
-                   impl="chunked", chunk=4)
+                   impl="chunked", block=4)
     T = 21
     u = jax.random.normal(jax.random.key(2), (1, T, 16))
     graphdef, params = nnx.split(m)
@@ -178,8 +177,12 @@ def test_mamba2_groups_use_repeat_not_tile():
 
 
 def test_config_validation_names_the_key():
-    with pytest.raises(ValueError, match="model.scan_impl"):
-        zoo.make_config("mamba", {"scan_impl": "cuda"})
+    with pytest.raises(ValueError, match="model.impl"):
+        zoo.make_config("mamba", {"impl": "cuda"})
+    with pytest.raises(ValueError, match="model.impl='pallas': op 'ssd'"):
+        zoo.make_config("mamba2", {"impl": "pallas"})
+    with pytest.raises(ValueError, match="model.block"):
+        zoo.make_config("mamba", {"block": 0})
     with pytest.raises(ValueError, match="model.n_groups"):
         zoo.make_config("mamba2", {"dim": 32, "head_dim": 16, "n_groups": 3})
     with pytest.raises(ValueError, match="model.bogus"):

@@ -10,8 +10,13 @@ from flax import nnx
 import zoo
 from layers.common import count_params
 from layers.norms import rms_norm
-from zoo.transformer import (PRESETS, TransformerConfig, gam_transformer, transformer_param_count,
-                             zoology_attention)
+from zoo.transformer import (
+    PRESETS,
+    TransformerConfig,
+    gam_transformer,
+    transformer_param_count,
+    zoology_attention,
+)
 
 TINY = TransformerConfig(vocab_size=29, dim=32, n_layers=2, n_heads=4, max_len=32, init_std=0.1)
 
@@ -137,3 +142,9 @@ def test_unknown_model_and_key_give_one_line():
         zoo.make_config("transformer", {"dimm": 3})
     with pytest.raises(ValueError, match="model.n_heads=3 is not a multiple of model.n_kv_heads=2"):
         zoo.make_config("transformer", {"n_heads": 3, "n_kv_heads": 2, "dim": 48})
+    with pytest.raises(ValueError, match="model.impl='cuda' is not one of"):
+        zoo.make_config("transformer", {"impl": "cuda"})
+    with pytest.raises(ValueError, match="model.impl='pallas': op 'attention'"):
+        zoo.make_config("transformer", {"impl": "pallas"})
+    with pytest.raises(ValueError, match="model.block"):
+        zoo.make_config("transformer", {"block": 0})

@@ -7,9 +7,10 @@ tokens, runs the blocks, a final LayerNorm and a head tied to the embedding by d
 classifier encodes integer tokens with an embedding (sequential-image pixels as tokens) or float
 features [B, T, d_input] with a Linear encoder, and averages the real (mask) positions.
 
-`impl`: "reference" (the recurrence) or "chunked" (convolution inside chunks of `chunk_size`
-with state passing); `rate` is the fixed dt multiplier (test-time resampling), never derived
-from the call length.
+`impl` chooses the form of the `lssl` op (pallas_kernels/lssl/): "reference" (the
+recurrence), "chunked" (convolution inside chunks of `block` steps with state passing) or
+"auto" (the recurrence on CPU); `block` never changes the function. `rate` is the fixed dt
+multiplier (test-time resampling), never derived from the call length.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from layers.embed import Embed
 from layers.linear import Dense
 from layers.lssl import LSSLMixer
 from layers.norms import LayerNorm
-from zoo.lm import CausalLM
+from pallas_kernels.impl import check, check_block
+from zoo.lm import CausalLM, build_lm, lm_param_count
 from zoo.registry import ConformanceSpec, register
 
 Array = jax.Array
@@ -53,23 +55,22 @@ class LSSLConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
-    impl: str = "reference"          # reference | chunked
-    chunk_size: int = 64
+    impl: str = "auto"               # auto (reference on CPU) | reference | chunked
+    block: int = 64                  # chunked convolution block (never changes the function)
     compute_dtype: str = "float32"
     remat: str = "none"
 
     def validate(self):
         for key, val, ok in (("measure", self.measure, ("legs", "legt", "lagt")),
-                             ("discretization", self.discretization, ("bilinear", "zoh")),
-                             ("impl", self.impl, ("reference", "chunked"))):
+                             ("discretization", self.discretization, ("bilinear", "zoh"))):
             if val not in ok:
                 raise ValueError(f"model.{key}={val!r} is not one of {ok}")
+        check(self.impl, ("lssl",))
+        check_block(self.block)
         if self.rate <= 0:
             raise ValueError(f"model.rate={self.rate} must be > 0")
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"model.dt_min={self.dt_min} must be in (0, model.dt_max={self.dt_max}]")
-        if self.chunk_size < 1:
-            raise ValueError(f"model.chunk_size={self.chunk_size} must be >= 1")
 
 
 def _mixer(cfg: LSSLConfig, rngs: nnx.Rngs) -> LSSLMixer:
@@ -77,7 +78,7 @@ def _mixer(cfg: LSSLConfig, rngs: nnx.Rngs) -> LSSLMixer:
                      measure=cfg.measure, legt_scale=cfg.legt_scale, dt_min=cfg.dt_min,
                      dt_max=cfg.dt_max, discretization=cfg.discretization, rate=cfg.rate,
                      learn_A=cfg.learn_A, learn_dt=cfg.learn_dt, dropout=cfg.dropout,
-                     impl=cfg.impl, chunk=cfg.chunk_size)
+                     impl=cfg.impl, block=cfg.block)
 
 
 class LSSLBlock(nnx.Module):
@@ -115,8 +116,8 @@ def lssl_param_count(cfg: LSSLConfig) -> int:
     """Per layer: shared transition 7N-2, log_dt H, C HMN, D HM, output linear HMH + H, LayerNorm
     2H (≈ M H (H + N), §3.2). LM: + embedding VH (+ untied head VH) + final LayerNorm 2H."""
     H = cfg.dim
-    body = cfg.n_layers * (_mixer_params(cfg) + 2 * H)
-    return body + cfg.vocab_size * H * (1 if cfg.tie_embeddings else 2) + 2 * H
+    return lm_param_count(cfg.n_layers * (_mixer_params(cfg) + 2 * H), vocab_size=cfg.vocab_size,
+                          dim=H, tie_embeddings=cfg.tie_embeddings, final_norm=2 * H)
 
 
 def lssl_classifier_param_count(cfg: LSSLConfig) -> int:
@@ -134,15 +135,13 @@ _TINY = LSSLConfig(vocab_size=37, dim=8, n_layers=2, d_state=6, channels=2, dt_m
           conformance=ConformanceSpec(
               config=_TINY, length=13, cuts=(1, 4, 5, 12),
               reference={"impl": "reference"},
-              fast=({"impl": "chunked", "chunk_size": 4},)))
+              fast=({"impl": "chunked", "block": 4},)))
 def build_lssl(cfg: LSSLConfig, rngs: nnx.Rngs) -> CausalLM:
     cfg.validate()
-    embed = Embed(cfg.vocab_size, cfg.dim, rngs=rngs, std=cfg.init_std)
-    head = None if cfg.tie_embeddings else Dense(cfg.dim, cfg.vocab_size, rngs=rngs,
-                                                 axes=("embed", "vocab"), std=cfg.init_std)
-    return CausalLM(embed=embed, blocks=_blocks(cfg, rngs),
-                    final_norm=LayerNorm(cfg.dim, eps=cfg.norm_eps), head=head,
-                    embed_dropout=0.0, compute_dtype=cfg.compute_dtype, remat=cfg.remat)
+    return build_lm(lambda: _blocks(cfg, rngs), vocab_size=cfg.vocab_size, dim=cfg.dim,
+                    final_norm=LayerNorm(cfg.dim, eps=cfg.norm_eps), rngs=rngs,
+                    tie_embeddings=cfg.tie_embeddings, init_std=cfg.init_std,
+                    compute_dtype=cfg.compute_dtype, remat=cfg.remat)
 
 
 class LSSLClassifier(nnx.Module):
@@ -183,7 +182,7 @@ class LSSLClassifier(nnx.Module):
           conformance=ConformanceSpec(
               config=dataclasses.replace(_TINY, n_layers=1), length=13, decode=False,
               reference={"impl": "reference"},
-              fast=({"impl": "chunked", "chunk_size": 4},)))
+              fast=({"impl": "chunked", "block": 4},)))
 def build_lssl_classifier(cfg: LSSLConfig, rngs: nnx.Rngs) -> LSSLClassifier:
     cfg.validate()
     return LSSLClassifier(cfg, rngs)

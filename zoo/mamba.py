@@ -7,9 +7,9 @@ default; residual stream in float32 (`compute_dtype` float32); out_proj re-drawn
 U(+-1/sqrt(fan_in)) / sqrt(n_layers). The vocabulary is used as given (pad it to a multiple of 8
 in the config if wanted).
 
-`scan_impl` picks the selective-scan / SSD implementation (auto | reference | chunked | pallas |
-pallas_interpret); `chunk_size` is its block size, an implementation parameter that never
-changes the function.
+`impl` picks the implementation of the model's op (`selective_scan` for Mamba-1, `ssd` for
+Mamba-2; auto | reference | chunked, see pallas_kernels/impl.py); `block` is its block size, an
+implementation parameter that never changes the function (Hugging Face's Mamba2 `chunk_size`).
 """
 from __future__ import annotations
 
@@ -19,15 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 from flax import nnx
 
-from layers.embed import Embed
-from layers.linear import Dense
 from layers.norms import RMSNorm
 from layers.ssm import Mamba2Mixer, MambaMixer
+from pallas_kernels.impl import check, check_block
 from zoo import hf as _hf
-from zoo.lm import Block, CausalLM
+from zoo.lm import Block, CausalLM, build_lm, lm_param_count
 from zoo.registry import ConformanceSpec, register
-
-_IMPLS = ("auto", "reference", "chunked", "pallas", "pallas_interpret")
 
 
 @dataclass(frozen=True)
@@ -51,8 +48,8 @@ class MambaConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     rescale_out_proj: bool = True       # out_proj / sqrt(n_layers)
-    scan_impl: str = "auto"
-    chunk_size: int = 16                # the chunked Mamba-1 form does O(chunk) more work per step
+    impl: str = "auto"                  # selective_scan: auto | reference | chunked
+    block: int = 16                     # the chunked Mamba-1 form does O(block) more work per step
     compute_dtype: str = "float32"
     remat: str = "none"
 
@@ -65,14 +62,12 @@ class MambaConfig:
         return self.dt_rank or math.ceil(self.dim / 16)
 
     def validate(self):
-        if self.scan_impl not in _IMPLS:
-            raise ValueError(f"model.scan_impl={self.scan_impl!r} is not one of {_IMPLS}")
+        check(self.impl, ("selective_scan",))
+        check_block(self.block)
         if self.dt_init not in ("random", "constant"):
             raise ValueError(f"model.dt_init={self.dt_init!r} is not one of ('random', 'constant')")
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"model.dt_min={self.dt_min} must be in (0, model.dt_max={self.dt_max}]")
-        if self.chunk_size < 1:
-            raise ValueError(f"model.chunk_size={self.chunk_size} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -97,8 +92,8 @@ class Mamba2Config:
     tie_embeddings: bool = True
     init_std: float = 0.02
     rescale_out_proj: bool = True
-    scan_impl: str = "auto"
-    chunk_size: int = 256
+    impl: str = "auto"                  # ssd: auto | reference | chunked
+    block: int = 256
     compute_dtype: str = "float32"
     remat: str = "none"
 
@@ -111,8 +106,8 @@ class Mamba2Config:
         return self.di // self.head_dim
 
     def validate(self):
-        if self.scan_impl not in _IMPLS:
-            raise ValueError(f"model.scan_impl={self.scan_impl!r} is not one of {_IMPLS}")
+        check(self.impl, ("ssd",))
+        check_block(self.block)
         if self.di % self.head_dim:
             raise ValueError(f"model.head_dim={self.head_dim} does not divide expand*dim={self.di}")
         if self.n_heads % self.n_groups:
@@ -120,77 +115,78 @@ class Mamba2Config:
                              f"{self.n_heads} heads")
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"model.dt_min={self.dt_min} must be in (0, model.dt_max={self.dt_max}]")
-        if self.chunk_size < 1:
-            raise ValueError(f"model.chunk_size={self.chunk_size} must be >= 1")
 
 
-def _lm(cfg, mixers) -> CausalLM:
-    rngs = mixers[1]
-    embed = Embed(cfg.vocab_size, cfg.dim, rngs=rngs, std=cfg.init_std)
-    blocks = [Block(m, RMSNorm(cfg.dim, eps=cfg.norm_eps)) for m in mixers[0]]
-    head = None if cfg.tie_embeddings else Dense(cfg.dim, cfg.vocab_size, rngs=rngs,
-                                                 axes=("embed", "vocab"), std=cfg.init_std)
-    return CausalLM(embed=embed, blocks=blocks, final_norm=RMSNorm(cfg.dim, eps=cfg.norm_eps),
-                    head=head, compute_dtype=cfg.compute_dtype, remat=cfg.remat)
+def _lm(cfg: MambaConfig | Mamba2Config, mixers: list, rngs: nnx.Rngs) -> CausalLM:
+    """`mixers` (drawn before the embedding: this family's parameter order) in mixer-only
+    pre-norm blocks, through the shared LM builder."""
+    return build_lm([Block(m, RMSNorm(cfg.dim, eps=cfg.norm_eps)) for m in mixers],
+                    vocab_size=cfg.vocab_size, dim=cfg.dim,
+                    final_norm=RMSNorm(cfg.dim, eps=cfg.norm_eps), rngs=rngs,
+                    tie_embeddings=cfg.tie_embeddings, init_std=cfg.init_std,
+                    compute_dtype=cfg.compute_dtype, remat=cfg.remat)
+
+
+def _out_scale(cfg: MambaConfig | Mamba2Config) -> float:
+    return 1.0 / math.sqrt(cfg.n_layers) if cfg.rescale_out_proj else 1.0
 
 
 def mamba_param_count(cfg: MambaConfig) -> int:
     """specs/mamba.md §3.3 (conv bias optional, untied head optional)."""
-    D, Di, N, R, K, V = cfg.dim, cfg.di, cfg.d_state, cfg.rank, cfg.d_conv, cfg.vocab_size
+    D, Di, N, R, K = cfg.dim, cfg.di, cfg.d_state, cfg.rank, cfg.d_conv
     block = (D * 2 * Di + Di * K + (Di if cfg.conv_bias else 0) + Di * (R + 2 * N) + R * Di + Di
              + Di * N + Di + Di * D + D)
-    return cfg.n_layers * block + V * D * (1 if cfg.tie_embeddings else 2) + D
+    return lm_param_count(cfg.n_layers * block, vocab_size=cfg.vocab_size, dim=D,
+                          tie_embeddings=cfg.tie_embeddings)
 
 
 def mamba2_param_count(cfg: Mamba2Config) -> int:
-    D, Di, N, G, H, K, V = (cfg.dim, cfg.di, cfg.d_state, cfg.n_groups, cfg.n_heads, cfg.d_conv,
-                            cfg.vocab_size)
+    D, Di, N, G, H, K = cfg.dim, cfg.di, cfg.d_state, cfg.n_groups, cfg.n_heads, cfg.d_conv
     conv = Di + 2 * G * N
     block = (D * (2 * Di + 2 * G * N + H) + conv * K + (conv if cfg.conv_bias else 0) + 3 * H
              + Di + Di * D + D)
-    return cfg.n_layers * block + V * D * (1 if cfg.tie_embeddings else 2) + D
+    return lm_param_count(cfg.n_layers * block, vocab_size=cfg.vocab_size, dim=D,
+                          tie_embeddings=cfg.tie_embeddings)
 
 
 @register("mamba", config=MambaConfig, param_count=mamba_param_count,
           conformance=ConformanceSpec(
-              config=MambaConfig(vocab_size=37, dim=16, n_layers=2, d_state=4, chunk_size=4,
-                                 init_std=0.5, dt_min=0.05, dt_max=0.5, scan_impl="reference"),
+              config=MambaConfig(vocab_size=37, dim=16, n_layers=2, d_state=4, block=4,
+                                 init_std=0.5, dt_min=0.05, dt_max=0.5, impl="reference"),
               length=13, cuts=(1, 3, 4, 8, 12),
-              reference={"scan_impl": "reference"},
-              fast=({"scan_impl": "chunked", "chunk_size": 4},)))
+              reference={"impl": "reference"},
+              fast=({"impl": "chunked", "block": 4},)))
 def build_mamba(cfg: MambaConfig, rngs: nnx.Rngs) -> CausalLM:
     cfg.validate()
-    scale = 1.0 / math.sqrt(cfg.n_layers) if cfg.rescale_out_proj else 1.0
     mixers = [MambaMixer(cfg.dim, rngs=rngs, d_inner=cfg.di, d_state=cfg.d_state,
                          d_conv=cfg.d_conv, dt_rank=cfg.rank, dt_min=cfg.dt_min,
                          dt_max=cfg.dt_max, dt_init_floor=cfg.dt_init_floor,
                          dt_scale=cfg.dt_scale, dt_init=cfg.dt_init, conv_bias=cfg.conv_bias,
-                         exact_zoh=cfg.exact_zoh, out_scale=scale, impl=cfg.scan_impl,
-                         chunk=cfg.chunk_size)
+                         exact_zoh=cfg.exact_zoh, out_scale=_out_scale(cfg), impl=cfg.impl,
+                         block=cfg.block)
               for _ in range(cfg.n_layers)]
-    return _lm(cfg, (mixers, rngs))
+    return _lm(cfg, mixers, rngs)
 
 
 @register("mamba2", config=Mamba2Config, param_count=mamba2_param_count,
           conformance=ConformanceSpec(
               config=Mamba2Config(vocab_size=37, dim=16, n_layers=2, d_state=4, head_dim=8,
-                                  n_groups=2, chunk_size=4, init_std=0.5, dt_min=0.05,
-                                  dt_max=0.5, scan_impl="reference"),
+                                  n_groups=2, block=4, init_std=0.5, dt_min=0.05,
+                                  dt_max=0.5, impl="reference"),
               length=13, cuts=(1, 3, 4, 8, 12),
-              reference={"scan_impl": "reference"},
-              fast=({"scan_impl": "chunked", "chunk_size": 4},)))
+              reference={"impl": "reference"},
+              fast=({"impl": "chunked", "block": 4},)))
 def build_mamba2(cfg: Mamba2Config, rngs: nnx.Rngs) -> CausalLM:
     cfg.validate()
-    scale = 1.0 / math.sqrt(cfg.n_layers) if cfg.rescale_out_proj else 1.0
     mixers = [Mamba2Mixer(cfg.dim, rngs=rngs, d_inner=cfg.di, head_dim=cfg.head_dim,
                           d_state=cfg.d_state, n_groups=cfg.n_groups, d_conv=cfg.d_conv,
                           dt_min=cfg.dt_min, dt_max=cfg.dt_max, dt_init_floor=cfg.dt_init_floor,
                           A_init_range=(cfg.A_init_min, cfg.A_init_max),
                           dt_limit=(cfg.dt_limit_min, cfg.dt_limit_max), conv_bias=cfg.conv_bias,
-                          norm_eps=cfg.norm_eps, out_scale=scale, impl=cfg.scan_impl,
-                          chunk=cfg.chunk_size)
+                          norm_eps=cfg.norm_eps, out_scale=_out_scale(cfg), impl=cfg.impl,
+                          block=cfg.block)
               for _ in range(cfg.n_layers)]
-    return _lm(cfg, (mixers, rngs))
+    return _lm(cfg, mixers, rngs)
 
 
 # ----------------------------------------------------------------------------- presets
@@ -207,12 +203,55 @@ PRESETS = {f"mamba_{s}": (lambda s=s: mamba_preset(s)) for s in ("130m", "370m",
 
 
 # ----------------------------------------------------------------------------- Hugging Face
+# One name table serves the import (`from_hf_mamba*`) and the export (`save_hf`).
+
+def _mixer_tensors(mx: MambaMixer | Mamba2Mixer) -> list[tuple[nnx.Variable, str, bool]]:
+    """(parameter, its Hugging Face name under `mixer.`, stored transposed) for one mixer; the
+    conv (stored [C, 1, K]) is `_conv`'s."""
+    both = [(mx.in_proj.weight, "in_proj.weight", True), (mx.A_log, "A_log", False),
+            (mx.D, "D", False), (mx.out_proj.weight, "out_proj.weight", True)]
+    if isinstance(mx, Mamba2Mixer):
+        return both + [(mx.dt_bias, "dt_bias", False), (mx.norm.weight, "norm.weight", False)]
+    return both + [(mx.x_proj.weight, "x_proj.weight", True), (mx.dt_w, "dt_proj.weight", True),
+                   (mx.dt_b, "dt_proj.bias", False)]
+
+
+def _tensors(model: CausalLM) -> list[tuple[nnx.Variable, str, bool]]:
+    """Every parameter of a `mamba` / `mamba2` LM but the convs, with its Hugging Face name."""
+    out = [(model.embed.embedding, "backbone.embeddings.weight", False),
+           (model.final_norm.weight, "backbone.norm_f.weight", False)]
+    for i, blk in enumerate(model.blocks):
+        p = f"backbone.layers.{i}."
+        out.append((blk.norm1.weight, p + "norm.weight", False))
+        out += [(var, p + "mixer." + name, t) for var, name, t in _mixer_tensors(blk.mixer)]
+    if model.head is not None:
+        out.append((model.head.weight, "lm_head.weight", True))
+    return out
+
+
+def _conv_name(i: int) -> str:
+    return f"backbone.layers.{i}.mixer.conv1d"
+
 
 def _conv(src: _hf.TensorSource, conv, name: str) -> None:
     C, K = conv.weight[...].shape
     conv.weight[...] = src.take(name + ".weight", (C, 1, K))[:, 0, :]
     if conv.bias is not None:
         src.assign(conv.bias, name + ".bias")
+
+
+def _load(model: CausalLM, tensors: dict[str, np.ndarray]) -> CausalLM:
+    """Assign every tensor of a Hugging Face Mamba / Mamba2 checkpoint; each must be used."""
+    src = _hf.TensorSource(tensors)
+    for var, name, transpose in _tensors(model):
+        src.assign(var, name, transpose=transpose)
+    for i, blk in enumerate(model.blocks):
+        _conv(src, blk.mixer.conv, _conv_name(i))
+    if model.head is None and "lm_head.weight" in tensors:
+        # a tied checkpoint may still carry the (equal) head
+        src.take("lm_head.weight", tuple(model.embed.embedding[...].shape))
+    src.check_all_used()
+    return model
 
 
 def _check_no_bias(hf: dict) -> None:
@@ -235,32 +274,12 @@ def from_hf_mamba(hf: dict, tensors: dict[str, np.ndarray]) -> CausalLM:
         conv_bias=bool(hf.get("use_conv_bias", True)),
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
-    model = build_mamba(cfg, nnx.Rngs(params=0))
-    src = _hf.TensorSource(tensors)
-    src.assign(model.embed.embedding, "backbone.embeddings.weight")
-    for i, blk in enumerate(model.blocks):
-        p = f"backbone.layers.{i}."
-        mx = blk.mixer
-        src.assign(blk.norm1.weight, p + "norm.weight")
-        src.assign(mx.in_proj.weight, p + "mixer.in_proj.weight", transpose=True)
-        _conv(src, mx.conv, p + "mixer.conv1d")
-        src.assign(mx.x_proj.weight, p + "mixer.x_proj.weight", transpose=True)
-        src.assign(mx.dt_w, p + "mixer.dt_proj.weight", transpose=True)
-        src.assign(mx.dt_b, p + "mixer.dt_proj.bias")
-        src.assign(mx.A_log, p + "mixer.A_log")
-        src.assign(mx.D, p + "mixer.D")
-        src.assign(mx.out_proj.weight, p + "mixer.out_proj.weight", transpose=True)
-    src.assign(model.final_norm.weight, "backbone.norm_f.weight")
-    if model.head is not None:
-        src.assign(model.head.weight, "lm_head.weight", transpose=True)
-    elif "lm_head.weight" in tensors:  # a tied checkpoint may still carry the (equal) head
-        src.take("lm_head.weight", tuple(model.embed.embedding[...].shape))
-    src.check_all_used()
-    return model
+    return _load(build_mamba(cfg, nnx.Rngs(params=0)), tensors)
 
 
 @_hf.hf_converter("Mamba2ForCausalLM")
 def from_hf_mamba2(hf: dict, tensors: dict[str, np.ndarray]) -> CausalLM:
+    """Hugging Face's `chunk_size` (the SSD block) becomes `block`."""
     _check_no_bias(hf)
     dim = hf["hidden_size"]
     n_heads, head_dim = hf["num_heads"], hf["head_dim"]
@@ -276,71 +295,37 @@ def from_hf_mamba2(hf: dict, tensors: dict[str, np.ndarray]) -> CausalLM:
         dt_limit_max=_hf.hf_float(limit[1]), conv_bias=bool(hf.get("use_conv_bias", True)),
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        chunk_size=int(hf.get("chunk_size", 256)))
-    model = build_mamba2(cfg, nnx.Rngs(params=0))
-    src = _hf.TensorSource(tensors)
-    src.assign(model.embed.embedding, "backbone.embeddings.weight")
-    for i, blk in enumerate(model.blocks):
-        p = f"backbone.layers.{i}."
-        mx = blk.mixer
-        src.assign(blk.norm1.weight, p + "norm.weight")
-        src.assign(mx.in_proj.weight, p + "mixer.in_proj.weight", transpose=True)
-        _conv(src, mx.conv, p + "mixer.conv1d")
-        src.assign(mx.dt_bias, p + "mixer.dt_bias")
-        src.assign(mx.A_log, p + "mixer.A_log")
-        src.assign(mx.D, p + "mixer.D")
-        src.assign(mx.norm.weight, p + "mixer.norm.weight")
-        src.assign(mx.out_proj.weight, p + "mixer.out_proj.weight", transpose=True)
-    src.assign(model.final_norm.weight, "backbone.norm_f.weight")
-    if model.head is not None:
-        src.assign(model.head.weight, "lm_head.weight", transpose=True)
-    elif "lm_head.weight" in tensors:
-        src.take("lm_head.weight", tuple(model.embed.embedding[...].shape))
-    src.check_all_used()
-    return model
+        block=int(hf.get("chunk_size", 256)))
+    return _load(build_mamba2(cfg, nnx.Rngs(params=0)), tensors)
 
 
 def save_hf(model: CausalLM, path: str) -> None:
     """Export a seqzoo `mamba` / `mamba2` LM as a Hugging Face checkpoint directory
-    (`config.json` + `model.safetensors`, the layout `from_hf_mamba*` reads back)."""
+    (`config.json` + `model.safetensors`, the layout `from_hf_mamba*` reads back; `block`
+    becomes Mamba2's `chunk_size`)."""
     import json
     import os
-    from layers.ssm import Mamba2Mixer as _M2
     mx0 = model.blocks[0].mixer
     V, D = model.embed.embedding[...].shape
     eps = float(model.final_norm.eps)
-    t: dict[str, np.ndarray] = {"backbone.embeddings.weight": np.asarray(model.embed.embedding[...]),
-                                "backbone.norm_f.weight": np.asarray(model.final_norm.weight[...])}
-    if model.head is not None:
-        t["lm_head.weight"] = np.asarray(model.head.weight[...]).T
+    t = {name: np.asarray(var[...]).T if transpose else np.asarray(var[...])
+         for var, name, transpose in _tensors(model)}
     for i, blk in enumerate(model.blocks):
-        p, mx = f"backbone.layers.{i}.", blk.mixer
-        t[p + "norm.weight"] = np.asarray(blk.norm1.weight[...])
-        t[p + "mixer.in_proj.weight"] = np.asarray(mx.in_proj.weight[...]).T
-        t[p + "mixer.out_proj.weight"] = np.asarray(mx.out_proj.weight[...]).T
-        t[p + "mixer.conv1d.weight"] = np.asarray(mx.conv.weight[...])[:, None, :]
-        if mx.conv.bias is not None:
-            t[p + "mixer.conv1d.bias"] = np.asarray(mx.conv.bias[...])
-        t[p + "mixer.A_log"] = np.asarray(mx.A_log[...])
-        t[p + "mixer.D"] = np.asarray(mx.D[...])
-        if isinstance(mx, _M2):
-            t[p + "mixer.dt_bias"] = np.asarray(mx.dt_bias[...])
-            t[p + "mixer.norm.weight"] = np.asarray(mx.norm.weight[...])
-        else:
-            t[p + "mixer.x_proj.weight"] = np.asarray(mx.x_proj.weight[...]).T
-            t[p + "mixer.dt_proj.weight"] = np.asarray(mx.dt_w[...]).T
-            t[p + "mixer.dt_proj.bias"] = np.asarray(mx.dt_b[...])
+        conv = blk.mixer.conv
+        t[_conv_name(i) + ".weight"] = np.asarray(conv.weight[...])[:, None, :]
+        if conv.bias is not None:
+            t[_conv_name(i) + ".bias"] = np.asarray(conv.bias[...])
     common = dict(vocab_size=int(V), hidden_size=int(D), num_hidden_layers=len(model.blocks),
                   state_size=int(mx0.d_state), conv_kernel=int(mx0.d_conv),
                   layer_norm_epsilon=eps, use_bias=False, use_conv_bias=mx0.conv.bias is not None,
                   hidden_act="silu", residual_in_fp32=True,
                   tie_word_embeddings=model.head is None)
-    if isinstance(mx0, _M2):
+    if isinstance(mx0, Mamba2Mixer):
         lo, hi = mx0.dt_limit
         cfg = dict(architectures=["Mamba2ForCausalLM"], model_type="mamba2",
                    num_heads=int(mx0.n_heads), head_dim=int(mx0.head_dim),
                    expand=int(mx0.d_inner // D), n_groups=int(mx0.n_groups),
-                   chunk_size=int(mx0.chunk),
+                   chunk_size=int(mx0.block),
                    time_step_limit=[float(lo), hi if math.isfinite(hi) else {"__float__": "Infinity"}],
                    **common)
     else:

@@ -4,7 +4,9 @@ seed papers' presets (`rat_attention`, `gam_transformer`, `zoology_attention`).
 Registered as "transformer". Presets are functions returning a `TransformerConfig`:
 `PRESETS["llama_small"]()` etc. Choices: q/k/v are separate projections in every preset (a fused
 projection is the same function; only checkpoint layouts differ); masks are hard (Zoology's
-additive -10000 gives exp(-10000) = 0 in float32 as well).
+additive -10000 gives exp(-10000) = 0 in float32 as well). `impl` chooses the implementation of
+the `attention` op (auto | reference | chunked, see pallas_kernels/impl.py); `block` is its key
+block size, which never changes the function.
 """
 from __future__ import annotations
 
@@ -14,11 +16,10 @@ from dataclasses import dataclass
 from flax import nnx
 
 from layers.attention import Attention
-from layers.embed import Embed, LearnedPositions
-from layers.linear import Dense
 from layers.mlp import GeluMLP, SwiGLU, llama_ffn_dim
 from layers.norms import make_norm
-from zoo.lm import Block, CausalLM
+from pallas_kernels.impl import check, check_block
+from zoo.lm import Block, CausalLM, build_lm, lm_param_count
 from zoo.registry import ConformanceSpec, register
 
 
@@ -49,8 +50,8 @@ class TransformerConfig:
     embed_dropout: float = 0.0
     attn_dropout: float = 0.0
     resid_dropout: float = 0.0
-    attn_impl: str = "auto"             # auto | reference | chunked | pallas | pallas_interpret
-    attn_block: int = 128
+    impl: str = "auto"                  # attention: auto | reference | chunked
+    block: int = 128                    # attention key block (never changes the function)
     compute_dtype: str = "float32"
     remat: str = "none"
 
@@ -67,6 +68,8 @@ class TransformerConfig:
                              ("init", self.init, ("normal", "torch"))):
             if val not in ok:
                 raise ValueError(f"model.{key}={val!r} is not one of {ok}")
+        check(self.impl, ("attention",))
+        check_block(self.block)
 
     @property
     def hd(self) -> int:
@@ -95,7 +98,7 @@ def build_block(cfg: TransformerConfig, i: int, rngs: nnx.Rngs) -> Block:
     attn = Attention(cfg.dim, cfg.n_heads, cfg.kv, cfg.hd, rngs=rngs, rope_base=cfg.rope_base,
                      window=cfg.layer_window(i), max_len=cfg.max_len, qkv_bias=cfg.qkv_bias,
                      out_bias=cfg.out_bias, init=cfg.init, std=cfg.init_std, out_std=out_std,
-                     attn_dropout=cfg.attn_dropout, impl=cfg.attn_impl, block_k=cfg.attn_block)
+                     attn_dropout=cfg.attn_dropout, impl=cfg.impl, block=cfg.block)
     ffn = None
     if cfg.ffn == "swiglu":
         ffn = SwiGLU(cfg.dim, cfg.d_ff, rngs=rngs, std=cfg.init_std, out_std=out_std)
@@ -124,9 +127,9 @@ def transformer_param_count(cfg: TransformerConfig) -> int:
     else:
         ffn = 0
     block = attn + ffn + norm * (2 if cfg.ffn != "none" else 1)
-    emb = V * D * (1 if cfg.tie_embeddings else 2)
-    pos = cfg.max_len * D if cfg.pos_embed == "learned" else 0
-    return emb + pos + cfg.n_layers * block + norm
+    return lm_param_count(cfg.n_layers * block, vocab_size=V, dim=D,
+                          tie_embeddings=cfg.tie_embeddings, final_norm=norm,
+                          learned_positions=transformer_max_len(cfg))
 
 
 @register("transformer", config=TransformerConfig, max_len=transformer_max_len,
@@ -135,23 +138,18 @@ def transformer_param_count(cfg: TransformerConfig) -> int:
               config=TransformerConfig(vocab_size=37, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                                        window=6, window_layers="odd", max_len=64, init_std=0.1),
               length=13, cuts=(1, 6, 7, 12),
-              reference={"attn_impl": "reference"},
-              fast=({"attn_impl": "chunked", "attn_block": 4},)))
+              reference={"impl": "reference"},
+              fast=({"impl": "chunked", "block": 4},)))
 def build_transformer(cfg: TransformerConfig, rngs: nnx.Rngs) -> CausalLM:
     cfg.validate()
-    init = "normal" if cfg.init == "normal" else "torch_linear"
-    embed = Embed(cfg.vocab_size, cfg.dim, rngs=rngs, init=init, std=cfg.init_std)
-    positions = None
-    if cfg.pos_embed == "learned":
-        positions = LearnedPositions(cfg.max_len, cfg.dim, rngs=rngs,
-                                     std=1.0 if cfg.init == "torch" else cfg.init_std)
-    head = None if cfg.tie_embeddings else Dense(cfg.dim, cfg.vocab_size, rngs=rngs,
-                                                 axes=("embed", "vocab"), init=cfg.init,
-                                                 std=cfg.init_std)
-    blocks = [build_block(cfg, i, rngs) for i in range(cfg.n_layers)]
-    return CausalLM(embed=embed, blocks=blocks, final_norm=make_norm(cfg.norm, cfg.dim, cfg.norm_eps),
-                    head=head, positions=positions, embed_dropout=cfg.embed_dropout,
-                    max_len=transformer_max_len(cfg), compute_dtype=cfg.compute_dtype,
+    # blocks are drawn after the embedding, positions and head (this family's parameter order)
+    return build_lm(lambda: [build_block(cfg, i, rngs) for i in range(cfg.n_layers)],
+                    vocab_size=cfg.vocab_size, dim=cfg.dim,
+                    final_norm=make_norm(cfg.norm, cfg.dim, cfg.norm_eps), rngs=rngs,
+                    tie_embeddings=cfg.tie_embeddings, init=cfg.init, init_std=cfg.init_std,
+                    learned_positions=transformer_max_len(cfg),
+                    positions_std=1.0 if cfg.init == "torch" else cfg.init_std,
+                    embed_dropout=cfg.embed_dropout, compute_dtype=cfg.compute_dtype,
                     remat=cfg.remat)
 
 
