@@ -7,13 +7,11 @@ lengths up front, since a traced index cannot raise).
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.common import doc_starts, dropout, real_mask, token_positions
+from layers.common import doc_starts, real_mask, token_positions
 from layers.linear import Dense
 from layers.rope import apply_rope
 from pallas_kernels.attention import attention as attention_op
@@ -98,6 +96,17 @@ def cached_keys(state: KVCache, k, v, pos, doc, mask, fresh: bool):
             jnp.concatenate([state.slot_pos, pos], axis=1),
             jnp.concatenate([state.slot_doc, doc], axis=1),
             jnp.concatenate([state.slot_pos >= 0, mask], axis=1))
+
+
+def attention_mixer_flops(dim: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                          keys: int) -> float:
+    """Forward FLOPs per token of `Attention` (2 per multiply-add; the convention of `zoo.lm`):
+    the q, k, v projections [dim, (H + 2 Hkv) dh], the scores q.k and the weighted sum of values
+    over `keys` keys per query for each of the H query heads, and the output projection
+    [H dh, dim]. RoPE, masks, softmax, dropout and biases are elementwise: not counted."""
+    H, Hkv, dh = n_heads, n_kv_heads, head_dim
+    projections = 2.0 * dim * (H + 2 * Hkv) * dh + 2.0 * H * dh * dim
+    return projections + 2.0 * H * keys * (dh + dh)
 
 
 class Attention(nnx.Module):

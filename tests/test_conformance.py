@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from asserts import assert_close
 from flax import nnx
 
 import zoo
-from asserts import assert_close
 from train.sharding import batch_sharding, make_mesh, param_shardings
 
 NAMES = zoo.names()

@@ -11,7 +11,7 @@ from pallas_kernels.impl import Impl, available, check, parse, resolve
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.ssd import ssd
 
-OPS = ("attention", "gated_delta", "neural_memory", "selective_scan", "ssd")
+OPS = ("attention", "gated_delta", "lssl", "neural_memory", "selective_scan", "ssd")
 
 
 def test_parse_names_the_key():

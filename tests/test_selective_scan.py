@@ -9,10 +9,8 @@ import pytest
 
 from pallas_kernels.selective_scan import chunked as ss_chunked
 from pallas_kernels.selective_scan import reference as ss_ref
-from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.ssd import chunked as ssd_chunked
 from pallas_kernels.ssd import reference as ssd_ref
-from pallas_kernels.ssd import ssd
 
 
 def ss_inputs(T, seed=0, B=2, Di=5, N=4, dt_scale=1.0, p_reset=0.15):

@@ -8,7 +8,9 @@
 `import zoo` registers every family (`zoo/families.py`, one line per family). Inside `zoo/` the
 imports form no cycle: registry, lm and hf import no family; families import registry, lm, hf.
 """
+from zoo import (
+    families,  # noqa: F401  (registers every family's models and converters)
+    hf,  # noqa: F401
+    lm,  # noqa: F401
+)
 from zoo.registry import ConformanceSpec, Entry, build, get, make_config, names, register  # noqa: F401
-from zoo import lm  # noqa: F401
-from zoo import hf  # noqa: F401
-from zoo import families  # noqa: F401  (registers every family's models and converters)

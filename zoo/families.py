@@ -1,7 +1,7 @@
 """Imports every family module so that their `@register` calls run. Add one line per family."""
-import zoo.transformer  # noqa: F401
-import zoo.mamba  # noqa: F401
-import zoo.lssl  # noqa: F401
-import zoo.titans  # noqa: F401
 import zoo.atlas  # noqa: F401
+import zoo.lssl  # noqa: F401
+import zoo.mamba  # noqa: F401
 import zoo.miras  # noqa: F401
+import zoo.titans  # noqa: F401
+import zoo.transformer  # noqa: F401

@@ -17,7 +17,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from layers.common import count_params as count_params  # re-exported for train and eval

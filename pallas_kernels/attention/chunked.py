@@ -50,7 +50,7 @@ def attention(q: Array, k: Array, v: Array, *, q_pos: Array, k_pos: Array, q_gro
 
     @jax.checkpoint
     def body(carry, blk):
-        m, l, acc = carry  # [B,Hkv,rep,T], same, [B,Hkv,rep,T,d]
+        m, den, acc = carry  # [B,Hkv,rep,T], same, [B,Hkv,rep,T,d]
         kb_, vb_, kp, kgr, kv_, ka, kbi = blk
         s = jnp.einsum("btgrd,bsgd->bgrts", qg, kb_)
         s = s + jnp.moveaxis(kbi, 1, 2).reshape(B, Hkv, rep, 1, bk)
@@ -65,13 +65,13 @@ def attention(q: Array, k: Array, v: Array, *, q_pos: Array, k_pos: Array, q_gro
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
         corr = jnp.exp(m - m_new)
-        l = l * corr + jnp.sum(p, axis=-1)
+        den = den * corr + jnp.sum(p, axis=-1)
         acc = acc * corr[..., None] + jnp.einsum("bgrts,bsgd->bgrtd", p, vb_)
-        return (m_new, l, acc), None
+        return (m_new, den, acc), None
 
     init = (jnp.full((B, Hkv, rep, T), NEG, jnp.float32), jnp.zeros((B, Hkv, rep, T), jnp.float32),
             jnp.zeros((B, Hkv, rep, T, v.shape[-1]), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(body, init, (ks, vs, kpos, kgrp, kval, kalw, kbias))
-    o = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    (m, den, acc), _ = jax.lax.scan(body, init, (ks, vs, kpos, kgrp, kval, kalw, kbias))
+    o = acc / jnp.where(den > 0, den, 1.0)[..., None]
     o = jnp.moveaxis(o, 3, 1)  # [B, T, Hkv, rep, d]
     return o.reshape(B, T, H, v.shape[-1]).astype(q.dtype)

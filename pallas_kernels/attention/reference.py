@@ -48,8 +48,8 @@ def attention(q: Array, k: Array, v: Array, *, q_pos: Array, k_pos: Array, q_gro
     s = jnp.where(vis, s, NEG)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.where(vis, jnp.exp(s - m), 0.0)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(l > 0, l, 1.0)
+    den = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(den > 0, den, 1.0)
     if dropout_rate > 0.0 and dropout_key is not None:
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, p.shape)
         p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from pallas_kernels.impl import Impl, register_op, resolve
 from pallas_kernels.neural_memory import chunked, reference
-from pallas_kernels.neural_memory.reference import Layered, MemoryRule, MemoryState, init_state, read, source_grad
+from pallas_kernels.neural_memory.reference import (
+    Layered,
+    MemoryRule,
+    MemoryState,
+    init_state,
+    read,
+    source_grad,
+)
 
 AVAILABLE = register_op("neural_memory", (Impl.REFERENCE, Impl.CHUNKED))
 

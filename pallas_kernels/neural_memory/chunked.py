@@ -88,10 +88,10 @@ def _dual_chunk(lay: ref.Layered, rule, outer, Wc, Sc, ac, qc, sk, sv, sx, G, PE
 
     def chain(x, W, eps):  # eps: additive taps on every layer output (their VJP is delta)
         xs, h = [], x
-        for l, n in enumerate(names):
+        for i, n in enumerate(names):
             xs.append(h)
-            z = h @ W[n] + eps[l]
-            h = act(z) if l < L - 1 else z
+            z = h @ W[n] + eps[i]
+            h = act(z) if i < L - 1 else z
         return head(outer, z, x), xs
 
     def source(kk, vv, xx):
@@ -104,14 +104,14 @@ def _dual_chunk(lay: ref.Layered, rule, outer, Wc, Sc, ac, qc, sk, sv, sx, G, PE
     K = PA @ KS
     F = PA @ E
     h = qc
-    for l, n in enumerate(names):
+    for i, n in enumerate(names):
         z = (A[:, None] * (h @ Wc[n]) + F[:, None] * (h @ Sc[n])
-             + (K * (h @ X[l].T)) @ D[l])
-        h = act(z) if l < L - 1 else z
+             + (K * (h @ X[i].T)) @ D[i])
+        h = act(z) if i < L - 1 else z
     y = jax.vmap(lambda zt, qt: head(outer, zt, qt))(z, qc)
-    W_end = {n: A[-1] * Wc[n] + F[-1] * Sc[n] + X[l].T @ (K[-1][:, None] * D[l])
-             for l, n in enumerate(names)}
-    S_end = {n: E[-1] * Sc[n] + X[l].T @ (KS[-1][:, None] * D[l]) for l, n in enumerate(names)}
+    W_end = {n: A[-1] * Wc[n] + F[-1] * Sc[n] + X[i].T @ (K[-1][:, None] * D[i])
+             for i, n in enumerate(names)}
+    S_end = {n: E[-1] * Sc[n] + X[i].T @ (KS[-1][:, None] * D[i]) for i, n in enumerate(names)}
     return y, W_end, S_end
 
 
@@ -172,7 +172,7 @@ def neural_memory(rule: ref.MemoryRule, outer, W0, state: ref.MemoryState, q, k,
     False). A call with more falls back to the reference loop (same function, via `lax.cond`).
     """
     B, T, H, dk = q.shape
-    b, c = rule.chunk, rule.window
+    b = rule.chunk
     reset = reset & real
     NC = n_chunks(T, b, max_resets or 0)
     if max_resets is None:

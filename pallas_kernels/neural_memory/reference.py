@@ -167,7 +167,7 @@ def _head_scan(rule: MemoryRule, outer, rW, rS, rA, W, S, anc, wk, wv, wx, wval,
                log_ret, lr, log_mom, gamma, extra, pos, reset, real):
     """One (batch row, head): sequences of length T. (rW, rS, rA): the state a document start
     returns to. Returns y [T, dv] and the new state parts."""
-    b, c = rule.chunk, rule.window
+    b = rule.chunk
 
     def step(carry, inp):
         W, S, anc, wk, wv, wx, wval = carry
