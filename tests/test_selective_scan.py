@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from asserts import assert_close
 
 from pallas_kernels.selective_scan import chunked as ss_chunked
 from pallas_kernels.selective_scan import reference as ss_ref
@@ -53,12 +54,6 @@ def value_and_grads(fn, inp):
     return out, grads
 
 
-def assert_close_tree(a, b, atol, rtol, what):
-    for k in a:
-        np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), atol=atol, rtol=rtol,
-                                   err_msg=f"{what}: {k}")
-
-
 # float32 throughout; the two forms sum the same terms in different orders (observed max
 # |diff| ~2e-6 on outputs of size ~10 and gradients of size ~100).
 ATOL, RTOL = 2e-5, 2e-5
@@ -80,7 +75,7 @@ def check_pair(ref_fn, fast_fn, inp, what, ref_key=None):
         assert np.all(np.isfinite(np.asarray(v))), what
     np.testing.assert_allclose(y, y0, atol=ATOL, rtol=RTOL, err_msg=f"y, {what}")
     np.testing.assert_allclose(h, h0, atol=ATOL, rtol=RTOL, err_msg=f"h_T, {what}")
-    assert_close_tree(g, g0, 1e-4, 1e-4, f"gradients, {what}")
+    assert_close(g, g0, atol=1e-4, rtol=1e-4, what=f"gradients, {what}")
 
 
 # lengths 1, 7, 37 against chunks 8 and 16: shorter than a chunk, ragged, several chunks

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from asserts import assert_close
 from flax import nnx
 from train_helpers import tiny_cfg
 
@@ -61,10 +62,9 @@ def test_grad_accumulation_equals_big_batch(accum):
     np.testing.assert_allclose(m2["ce_sum"], m1["ce_sum"], rtol=1e-6)
     assert float(m2["n_tokens"]) == float(m1["n_tokens"]) == float(batch["loss_mask"].sum())
     np.testing.assert_allclose(m2["grad_norm"], optax.tree.norm(g_ref), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-        # Adam's per-element normalisation turns summation-order differences of near-zero
-        # gradient elements into ~1e-3 of one step (lr 3e-3 here)
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    # Adam's per-element normalisation turns summation-order differences of near-zero gradient
+    # elements into ~1e-3 of one step (lr 3e-3 here)
+    assert_close(p2, p1, rtol=1e-5, atol=1e-6, what="accumulated step")
 
 
 def test_aux_terms_weighted_by_name():
@@ -120,8 +120,7 @@ def test_bf16_compute_and_remat_match_float32():
     gd_bf16, _ = nnx.split(_model(compute_dtype="bfloat16"))
     g_ref = jax.grad(lambda p: lm.loss(graphdef, p, batch)[0])(params)
     g_remat = jax.grad(lambda p: lm.loss(gd_remat, p, batch)[0])(params)
-    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_remat)):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    assert_close(g_remat, g_ref, rtol=1e-5, atol=1e-7, what="remat gradient")
     bf = jax.jit(lambda p: lm.loss(gd_bf16, p, batch)[0])(params)
     assert abs(float(bf) - float(ref)) < 0.02 * float(ref)     # bf16 rounding, same function
     assert jax.tree.leaves(params)[0].dtype == jnp.float32
