@@ -1,7 +1,7 @@
 """The small-budget results tables of docs/results.md, reproduced by one command (outside CI):
 
     python -m eval.table [--models=transformer,mamba,...] [--tasks=mqar,passkey,text] \
-        [--runs=runs/results] [--out=docs/results.md] [--all_pairs]
+        [--runs=runs/results] [--out=docs/results.md] [--all_pairs] [--set=train.steps=4,...]
 
 For every (task, model) cell listed in `configs/results.py:PAIRS` (every cell with --all_pairs) it
 trains `configs/results.py:<task>-<model>` with `python -m train`
@@ -9,6 +9,9 @@ trains `configs/results.py:<task>-<model>` with `python -m train`
 the run with `python -m eval` (mqar: accuracy at the training setting; passkey: exact match over
 context lengths 128..512 and depths 0/0.5/1, decoded through the state; text: held-out
 bits-per-byte) and writes the markdown tables. Every number in the file comes from this run.
+Each cell's run directory is `<runs>/<task>-<model>`. `--set` overrides config keys of every
+cell (dotted, e.g. `--set=train.steps=4,model.dim=32` for a smoke run; tests/test_eval_table.py
+runs the command so).
 """
 from __future__ import annotations
 
@@ -46,13 +49,15 @@ def _final_step_done(run_dir: str, steps: int) -> bool:
         return False
 
 
-def train_run(variant: str, run_dir: str, steps: int, log) -> float | None:
+def train_run(variant: str, run_dir: str, steps: int, log, overrides=()) -> float | None:
     from train.rundir import RunDir
     wall_path = RunDir(run_dir).wall_path
     if _final_step_done(run_dir, steps) and os.path.exists(wall_path):
         with open(wall_path) as f:
             return json.load(f)["train_wall_s"]
-    cmd = [sys.executable, "-m", "train", f"--config=configs/results.py:{variant}"]
+    cmd = [sys.executable, "-m", "train", f"--config=configs/results.py:{variant}",
+           f"--config.checkpoint.dir={run_dir}",
+           *(f"--config.{k}={v}" for k, v in overrides)]
     print(f"[table] training {variant}", flush=True)
     t0 = time.perf_counter()
     rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -82,7 +87,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/results.md")
     ap.add_argument("--all_pairs", action="store_true",
                     help="train every (task, model) cell, not only configs/results.py:PAIRS")
+    ap.add_argument("--set", default="", help="config overrides section.key=value,... for every "
+                    "cell (a smoke run: --set=train.steps=4,train.batch_size=8)")
     a = ap.parse_args(argv)
+    overrides = []
+    for item in filter(None, a.set.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or "." not in key:
+            print(f"eval.table: error: --set expects section.key=value, got {item!r}", file=sys.stderr)
+            return 2
+        overrides.append((key, value))
     models = [m for m in a.models.split(",") if m]
     tasks = [t for t in a.tasks.split(",") if t]
     for m in models:
@@ -105,9 +119,16 @@ def main(argv=None) -> int:
             if not a.all_pairs and variant not in cfgmod.PAIRS:
                 continue
             cfg = cfgmod.get_config(variant)
-            run_dir = os.path.join(REPO, cfg.checkpoint.dir)
+            run_dir = os.path.join(REPO, a.runs, variant)
+            for key, value in overrides:
+                section, field = key.split(".", 1)
+                if section not in cfg or field not in cfg[section]:
+                    print(f"eval.table: error: --set: unknown config key {key}", file=sys.stderr)
+                    return 2
+                old = cfg[section][field]
+                cfg[section][field] = type(old)(value) if isinstance(old, (int, float)) else value
             steps = int(cfg.train.steps)
-            wall = train_run(variant, run_dir, steps, log)
+            wall = train_run(variant, run_dir, steps, log, overrides)
             info = table[(task, m)]
             _, model_cfg = C.resolve(cfg)
             info["params"] = param_count(m, model_cfg)
