@@ -253,24 +253,3 @@ def test_atlas_finite_gradients_with_an_inert_window():
     for path, gr in jax.tree_util.tree_leaves_with_path(grads):
         assert np.all(np.isfinite(np.asarray(gr))), jax.tree_util.keystr(path)
 
-
-@pytest.mark.parametrize("window", [None, 4])
-def test_deep_transformer_mixer_is_the_phi_star_linear_memory_read(window):
-    """DeepTransformer / SWDT mixer (shared attention op with the log-rate key channel) == the
-    kernel form of the linear memory on φ*, normalised, M_t = Σ_{i≤t} η_i v_i φ*(k_i)ᵀ over the
-    last c tokens (layers.memory_parts.deep_transformer_read, itself tested against softmax
-    attention and the explicit truncated-φ* recurrence); decode through the KV cache is the
-    conformance suite's check."""
-    from layers import memory_parts as mp
-    from zoo.atlas import DeepTransformerConfig, DeepTransformerMixer
-    cfg = DeepTransformerConfig(dim=D, n_heads=H, window=window, init_std=0.3, rate_bias=0.0)
-    mix = DeepTransformerMixer(cfg, rngs=nnx.Rngs(params=0))
-    x = xs(10)
-    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    q, k, v, log_eta = mix.qkv(x, pos)
-    read = lambda q_, k_, v_, e_: mp.deep_transformer_read(
-        q_, k_, v_, scale=(D // H) ** -0.5, eta=e_, window=None if window is None else window - 1,
-        normalize=True)
-    ref = jax.vmap(jax.vmap(read, (1, 1, 1, 1), 1))(q, k, v, jnp.exp(log_eta))
-    assert float(jnp.std(log_eta)) > 0.05           # the rates vary: the gate is exercised
-    np.testing.assert_allclose(fwd(mix, x), mix.wo(ref.reshape(B, T, D)), rtol=1e-5, atol=1e-6)

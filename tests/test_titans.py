@@ -6,18 +6,26 @@ LayerNorm, ½-loss, chunk b = 1, no momentum), checked against the shared ops:
 * α ≡ 0: DeltaNet with β = θ;
 * dot-product objective: linear attention with decay
   y_t = A_t q_t W0 + Σ_{i≤t} (A_t / A_i) θ_i (q_t · k_i) v_i.
+
+Also: the hosts of layers/titans.py take any memory (titans.md §3.4, §3.5: here an OmegaNet-style
+Omega-window memory), and TitansConfig validates its one `impl` and `block`. The model-level
+equalities of every Titans entry are the conformance suite's checks.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from flax import nnx
 
-from layers.memory import dot_signal, l2_signal, linear_memory
+from layers.memory import NeuralMemory, NeuralMemoryConfig, dot_signal, l2_signal, linear_memory
+from layers.titans import MACMixer
 from pallas_kernels.gated_delta import gated_delta as _gd
 from pallas_kernels.neural_memory import MemoryRule, init_state
 from pallas_kernels.neural_memory import neural_memory as _nm
+from zoo.titans import TitansConfig
 
 neural_memory = jax.jit(_nm, static_argnums=(0,), static_argnames=("impl", "max_resets"))
-gated_delta = jax.jit(_gd, static_argnames=("scale", "impl", "chunk"))
+gated_delta = jax.jit(_gd, static_argnames=("scale", "impl", "block"))
 
 B, T, H, D = 2, 12, 2, 5
 
@@ -51,7 +59,7 @@ def test_l2_linear_memory_is_gated_delta_after_reparametrisation():
             y, W = _titans(q, k, v, alpha, theta, W0, l2_signal, impl)
             o, S = gated_delta(q, k, (1 - alpha)[..., None] * v, jnp.log1p(-alpha),
                                theta / (1 - alpha), scale=1.0, initial_state=S0, impl="chunked",
-                               chunk=4)
+                               block=4)
             np.testing.assert_allclose(y, o, rtol=1e-10, atol=1e-10)
             np.testing.assert_allclose(W, S, rtol=1e-10, atol=1e-10)
             # the naive map a = 1 - α, β = θ, v unchanged is a different model
@@ -84,3 +92,36 @@ def test_dot_objective_is_linear_attention_with_decay():
         for impl in ("reference", "chunked"):
             y, _ = _titans(q, k, v, alpha, theta, W0, dot_signal, impl)
             np.testing.assert_allclose(y, want, rtol=1e-10, atol=1e-10)
+
+
+def test_mac_host_takes_another_memory_and_continues_exactly():
+    """MAC (the host that uses most of its memory: q path, rule, outer parameters, conv) around
+    another memory (Omega window c = 2, plain GD, learning rate outside: OmegaNet's rule): full
+    forward == prefill(x[:5]) + continue(x[5:]) (5 is mid-segment and mid-chunk). MAG / MAL use
+    their memory through the mixer contract alone."""
+    dim = 16
+    mcfg = NeuralMemoryConfig(dim=dim, n_heads=2, memory="linear", chunk=2, window=2,
+                              momentum=False, lr_inside=False, lr_max=0.5, init_std=0.1)
+    mixer = MACMixer(lambda rngs: NeuralMemory(mcfg, rngs=rngs), dim=dim, n_heads=2, segment=4,
+                     n_persistent=2, init_std=0.1, rngs=nnx.Rngs(params=0))
+    x = jax.random.normal(jax.random.key(3), (2, 9, dim))
+
+    @nnx.jit
+    def full_and_split(m, x):
+        y, _, _ = m(x)
+        y1, st, _ = m(x[:, :5])
+        y2, _, _ = m(x[:, 5:], st)
+        return y, jnp.concatenate([y1, y2], axis=1)
+
+    y, y_split = full_and_split(mixer, x)
+    np.testing.assert_allclose(y_split, y, rtol=1e-5, atol=1e-5)
+
+
+def test_config_validates_impl_and_block_naming_the_key():
+    TitansConfig(impl="chunked", block=4).validate()
+    with pytest.raises(ValueError, match=r"^model\.impl='cuda' is not one of"):
+        TitansConfig(impl="cuda").validate()
+    with pytest.raises(ValueError, match=r"^model\.impl='pallas': op 'neural_memory'"):
+        TitansConfig(impl="pallas").validate()
+    with pytest.raises(ValueError, match=r"^model\.block=0"):
+        TitansConfig(block=0).validate()

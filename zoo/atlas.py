@@ -37,13 +37,15 @@ from flax import nnx
 from layers import memory_parts as mp
 from layers.attention import Attention
 from layers.common import param
+from layers.deep_transformer import DeepTransformerMixer
 from layers.embed import Embed
 from layers.linear import Dense
 from layers.memory import (NeuralMemory, NeuralMemoryConfig, make_rule,
                            neural_memory_param_count)
 from layers.mlp import SwiGLU, llama_ffn_dim
 from layers.norms import RMSNorm
-from zoo.lm import Block, CausalLM
+from pallas_kernels.impl import check, check_block
+from zoo.lm import Block, CausalLM, build_lm, lm_param_count
 from zoo.registry import ConformanceSpec, register
 
 Array = jax.Array
@@ -298,7 +300,8 @@ class DeepTransformerConfig:
     """DeepTransformer (window None) / SWDT (window c: the last c tokens, W = c − 1) with a linear
     memory on φ*, normalised (atlas.md §2.7, §8.10), α ≡ 1. rate_gate: the write rate
     η_i = sigmoid(x_i w_η + b_η) per head (False: η ≡ 1, exactly softmax attention with RoPE).
-    Llama-style blocks; kernel scale s = 1/sqrt(d) on the RoPE'd q, k."""
+    Llama-style blocks; kernel scale s = 1/sqrt(d) on the RoPE'd q, k. The mixer is
+    `layers.deep_transformer.DeepTransformerMixer`; impl / block: the attention op's."""
     vocab_size: int = 256
     dim: int = 64
     n_layers: int = 2
@@ -312,10 +315,12 @@ class DeepTransformerConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     tie_embeddings: bool = True
-    attn_impl: str = "auto"
-    attn_block: int = 128
+    impl: str = "auto"              # op attention
+    block: int = 128                # attention key block (never changes the function)
 
     def validate(self):
+        check(self.impl, ("attention",))
+        check_block(self.block)
         if self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.window is not None and self.window < 1:
@@ -332,81 +337,26 @@ class DeepTransformerConfig:
         return self.ffn_dim or llama_ffn_dim(self.dim, 256 if self.dim >= 512 else 64)
 
 
-class DeepTransformerMixer(nnx.Module):
-    """Normalised read of M_t = Σ_{i≤t} η_i v_i φ*(k_i)ᵀ at φ*(q_t):
-    y_t = Σ_i η_i exp(s q_t·k_i) v_i / Σ_i η_i exp(s q_t·k_i) over the window, computed by the
-    shared attention op and decoded through its KV cache: keys carry one extra channel log η_i,
-    queries a constant 1/s, so s·q'·k' = s q·k + log η_i (values padded by one zero channel so
-    that keys and values share the cache's head dim)."""
-
-    def __init__(self, cfg: DeepTransformerConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        D, H, d = cfg.dim, cfg.n_heads, cfg.hd
-        mk = lambda i, o, ax: Dense(i, o, rngs=rngs, axes=ax, std=cfg.init_std)
-        self.wq, self.wk, self.wv = (mk(D, H * d, ("embed", "heads")) for _ in range(3))
-        self.wo = mk(H * d, D, ("heads", "embed"))
-        w_eta = None
-        if cfg.rate_gate:
-            w_eta = Dense(D, H, rngs=rngs, use_bias=True, axes=("embed", "heads"), std=cfg.init_std)
-            w_eta.bias[...] = jnp.full((H,), cfg.rate_bias)
-        self.w_eta = nnx.data(w_eta)
-
-    @property
-    def attn_window(self) -> int | None:
-        return None if self.cfg.window is None else self.cfg.window - 1
-
-    def init_state(self, batch_size: int, max_len: int | None = None):
-        from layers.attention import init_kv_cache
-        slots = max_len or self.cfg.max_len
-        if self.attn_window is not None:
-            slots = min(slots, self.attn_window + 1)
-        return init_kv_cache(batch_size, slots, self.cfg.n_heads, self.cfg.hd + 1)
-
-    def qkv(self, x, pos):
-        """RoPE'd q, k, v [B, T, H, d] and log η [B, T, H] (zeros without the gate)."""
-        from layers.rope import apply_rope
-        B, T, _ = x.shape
-        H, d = self.cfg.n_heads, self.cfg.hd
-        q = apply_rope(self.wq(x).reshape(B, T, H, d), pos, base=self.cfg.rope_base)
-        k = apply_rope(self.wk(x).reshape(B, T, H, d), pos, base=self.cfg.rope_base)
-        v = self.wv(x).reshape(B, T, H, d)
-        log_eta = (jnp.zeros((B, T, H), jnp.float32) if self.w_eta is None
-                   else jax.nn.log_sigmoid(self.w_eta(x).astype(jnp.float32)))
-        return q, k, v, log_eta
-
-    def __call__(self, x, state=None, *, mask=None, segment_ids=None, context=None,
-                 deterministic: bool = True, key=None):
-        from layers.attention import cache_write, cached_keys, call_positions
-        from pallas_kernels.attention import attention as attention_op
-        B, T, _ = x.shape
-        H, d = self.cfg.n_heads, self.cfg.hd
-        fresh = state is None
-        if fresh:
-            state = self.init_state(B)
-        mask, pos, doc, next_pos = call_positions(state, mask, segment_ids, B, T)
-        q, k, v, log_eta = self.qkv(x, pos)
-        s = d ** -0.5
-        qa = jnp.concatenate([q.astype(jnp.float32), jnp.full((B, T, H, 1), 1.0 / s)], -1)
-        ka = jnp.concatenate([k.astype(jnp.float32), log_eta[..., None]], -1)
-        va = jnp.concatenate([v.astype(jnp.float32), jnp.zeros((B, T, H, 1))], -1)
-        new_state = cache_write(state, ka, va, pos, doc, mask, next_pos, self.attn_window)
-        ks, vs, kpos, kdoc, kval = cached_keys(state, ka, va, pos, doc, mask, fresh)
-        o = attention_op(qa, ks, vs, q_pos=pos, k_pos=kpos, q_group=doc, k_group=kdoc,
-                         k_valid=kval, causal=True, window=self.attn_window, scale=s,
-                         impl=self.cfg.attn_impl, block_k=self.cfg.attn_block)
-        y = self.wo(o[..., :d].reshape(B, T, H * d).astype(x.dtype))
-        return y, new_state, {}
-
-
 def deep_transformer_param_count(cfg: DeepTransformerConfig) -> int:
     D, Hd = cfg.dim, cfg.n_heads * cfg.hd
     mixer = 4 * D * Hd + ((D + 1) * cfg.n_heads if cfg.rate_gate else 0)
-    return _lm_param_count(cfg, mixer)
+    block = mixer + 3 * D * cfg.d_ff + 2 * D     # + SwiGLU + two RMSNorms
+    return lm_param_count([block] * cfg.n_layers, vocab_size=cfg.vocab_size, dim=D,
+                          tie_embeddings=cfg.tie_embeddings)
 
 
 def build_deep_transformer_lm(cfg: DeepTransformerConfig, rngs: nnx.Rngs) -> CausalLM:
+    """[DeepTransformerMixer, SwiGLU] blocks with pre-RMSNorms in the shared LM scaffold."""
     cfg.validate()
-    return _lm(cfg, lambda: DeepTransformerMixer(cfg, rngs=rngs), rngs)
+    norm = lambda: RMSNorm(cfg.dim, eps=cfg.norm_eps)
+    blocks = [Block(DeepTransformerMixer(cfg.dim, cfg.n_heads, rngs=rngs, window=cfg.window,
+                                         rate_gate=cfg.rate_gate, rate_bias=cfg.rate_bias,
+                                         rope_base=cfg.rope_base, max_len=cfg.max_len,
+                                         init_std=cfg.init_std, impl=cfg.impl, block=cfg.block),
+                    norm(), SwiGLU(cfg.dim, cfg.d_ff, rngs=rngs, std=cfg.init_std), norm())
+              for _ in range(cfg.n_layers)]
+    return build_lm(blocks, vocab_size=cfg.vocab_size, dim=cfg.dim, final_norm=norm(),
+                    rngs=rngs, tie_embeddings=cfg.tie_embeddings, init_std=cfg.init_std)
 
 
 _TINY_DT = dict(vocab_size=37, dim=16, n_layers=2, n_heads=2, max_len=64, init_std=0.1,
@@ -416,8 +366,7 @@ _TINY_DT = dict(vocab_size=37, dim=16, n_layers=2, n_heads=2, max_len=64, init_s
 @register("deep_transformer", config=DeepTransformerConfig, param_count=deep_transformer_param_count,
           conformance=ConformanceSpec(
               config=DeepTransformerConfig(**_TINY_DT), length=13, cuts=(1, 6, 7, 12),
-              reference={"attn_impl": "reference"},
-              fast=({"attn_impl": "chunked", "attn_block": 4},)))
+              reference={"impl": "reference"}, fast=({"impl": "chunked", "block": 4},)))
 def build_deep_transformer(cfg: DeepTransformerConfig, rngs: nnx.Rngs) -> CausalLM:
     return build_deep_transformer_lm(cfg, rngs)
 
@@ -431,8 +380,7 @@ class SWDTConfig(DeepTransformerConfig):
 @register("swdt", config=SWDTConfig, param_count=deep_transformer_param_count,
           conformance=ConformanceSpec(
               config=SWDTConfig(**_TINY_DT, window=4), length=13, cuts=(1, 6, 7, 12),
-              reference={"attn_impl": "reference"},
-              fast=({"attn_impl": "chunked", "attn_block": 4},)))
+              reference={"impl": "reference"}, fast=({"impl": "chunked", "block": 4},)))
 def build_swdt(cfg: SWDTConfig, rngs: nnx.Rngs) -> CausalLM:
     if cfg.window is None:
         raise ValueError("model.window=None is the full DeepTransformer; use 'deep_transformer'")
