@@ -255,3 +255,23 @@ def test_learned_position_limit(name):
     x = jnp.zeros((1, limit + 1), jnp.int32)
     with pytest.raises(ValueError, match="max_len"):
         model(x)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_validate_rejects_unknown_or_missing_implementation(name):
+    """One `impl` per model: an unknown value, or a kernel one of the model's ops lacks, and a
+    bad `block` fail in `validate()` with one line naming the key (before anything compiles)."""
+    cfg = spec_of(name).config
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    assert "impl" in fields, f"{name}: no `impl` field (one implementation choice per model)"
+    assert not fields & {"attn_impl", "scan_impl", "mem_impl", "attn_block", "chunk_size"}, fields
+    with pytest.raises(ValueError, match=r"^model\.impl='cuda' is not one of"):
+        dataclasses.replace(cfg, impl="cuda").validate()
+    ops = [op for op in ("attention", "gated_delta", "lssl", "neural_memory", "selective_scan",
+                         "ssd") if Impl.PALLAS not in available(op)]
+    if ops:
+        with pytest.raises(ValueError, match=r"^model\.impl='pallas': op '"):
+            dataclasses.replace(cfg, impl="pallas").validate()
+    if "block" in fields:
+        with pytest.raises(ValueError, match=r"^model\.block=0 must be"):
+            dataclasses.replace(cfg, block=0).validate()
