@@ -17,6 +17,7 @@ from asserts import assert_close
 from flax import nnx
 
 import zoo
+from pallas_kernels.impl import Impl, available
 from train.sharding import batch_sharding, make_mesh, param_shardings
 
 NAMES = zoo.names()
