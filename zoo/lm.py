@@ -23,6 +23,8 @@ from layers.common import count_params as count_params  # re-exported for train 
 from layers.common import doc_starts, dropout, fold, real_mask, token_positions
 from layers.embed import Embed, LearnedPositions
 from layers.linear import Dense
+from layers.mlp import SwiGLU
+from layers.norms import RMSNorm
 
 Array = jax.Array
 
@@ -161,6 +163,24 @@ def build_lm(blocks: Sequence[nnx.Module] | Callable[[], Sequence[nnx.Module]], 
     return CausalLM(embed=embed, blocks=blocks, final_norm=final_norm, head=head,
                     positions=positions, embed_dropout=embed_dropout, max_len=learned_positions,
                     compute_dtype=compute_dtype, remat=remat, aux_terms=aux_terms)
+
+
+def swiglu_block(mixer: nnx.Module, *, dim: int, ffn_dim: int, norm_eps: float, init_std: float,
+                 rngs: nnx.Rngs) -> Block:
+    """The Llama block around any mixer: [mixer, SwiGLU] with pre-RMSNorms (Titans, ATLAS, the
+    Miras models and the DeepTransformer use it; titans.md §3.1)."""
+    return Block(mixer, RMSNorm(dim, eps=norm_eps), SwiGLU(dim, ffn_dim, rngs=rngs, std=init_std),
+                 RMSNorm(dim, eps=norm_eps))
+
+
+def swiglu_block_count(mixer: int, *, dim: int, ffn_dim: int) -> int:
+    """Parameters of a `swiglu_block`: the mixer's, the SwiGLU's and the two RMSNorms'."""
+    return mixer + 3 * dim * ffn_dim + 2 * dim
+
+
+def swiglu_block_flops(mixer: float, *, dim: int, ffn_dim: int) -> float:
+    """Forward FLOPs per token of a `swiglu_block`: the mixer's and the SwiGLU's three products."""
+    return mixer + 3 * dense_flops(dim, ffn_dim)
 
 
 def lm_param_count(blocks: int | Sequence[int], *, vocab_size: int, dim: int,

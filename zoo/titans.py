@@ -26,11 +26,11 @@ from flax import nnx
 
 from layers.attention import Attention
 from layers.memory import NeuralMemory, NeuralMemoryConfig, neural_memory_param_count
-from layers.mlp import SwiGLU, llama_ffn_dim
+from layers.mlp import llama_ffn_dim
 from layers.norms import RMSNorm
 from layers.titans import MACMixer, MAGMixer, PrefixedMemory
 from pallas_kernels.impl import check, check_block
-from zoo.lm import Block, CausalLM, build_lm, lm_param_count
+from zoo.lm import Block, CausalLM, build_lm, lm_param_count, swiglu_block, swiglu_block_count
 from zoo.registry import ConformanceSpec, register
 
 OPS = ("neural_memory", "attention")
@@ -110,9 +110,8 @@ class TitansConfig:
 
 
 def _block(cfg: TitansConfig, mixer: nnx.Module, rngs: nnx.Rngs) -> Block:
-    """[mixer, SwiGLU] with pre-RMSNorms (titans.md §3.1)."""
-    norm = lambda: RMSNorm(cfg.dim, eps=cfg.norm_eps)
-    return Block(mixer, norm(), SwiGLU(cfg.dim, cfg.d_ff, rngs=rngs, std=cfg.init_std), norm())
+    return swiglu_block(mixer, dim=cfg.dim, ffn_dim=cfg.d_ff, norm_eps=cfg.norm_eps,
+                        init_std=cfg.init_std, rngs=rngs)
 
 
 def _lm(cfg: TitansConfig, blocks, rngs) -> CausalLM:
@@ -124,8 +123,8 @@ def _lm(cfg: TitansConfig, blocks, rngs) -> CausalLM:
 
 def _lm_count(cfg: TitansConfig, mixers) -> int:
     """The LM around blocks with these mixer counts (SwiGLU + two RMSNorms each)."""
-    ffn = 3 * cfg.dim * cfg.d_ff + 2 * cfg.dim
-    return lm_param_count([m + ffn for m in mixers], vocab_size=cfg.vocab_size, dim=cfg.dim,
+    blocks = [swiglu_block_count(m, dim=cfg.dim, ffn_dim=cfg.d_ff) for m in mixers]
+    return lm_param_count(blocks, vocab_size=cfg.vocab_size, dim=cfg.dim,
                           tie_embeddings=cfg.tie_embeddings)
 
 
