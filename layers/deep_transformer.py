@@ -7,7 +7,7 @@ over all past tokens (DeepTransformer, window None) or the last c tokens (SWDT, 
 shared sliding-window op with W = c − 1); s = 1/sqrt(d) on the RoPE'd q, k; η_i =
 sigmoid(x_i w_η + b_η) per head (rate_gate False: η ≡ 1, exactly softmax attention with RoPE).
 It is computed by the shared attention op and decoded through its KV cache. The explicit kernel
-form it equals is `layers.memory_parts.deep_transformer_read`.
+form it equals is the test reference `deep_transformer_read` (tests/memory_reference.py).
 """
 from __future__ import annotations
 

@@ -33,7 +33,11 @@ Pluggable parts (all plain functions of ONE head and ONE token; the op vmaps the
   (learnable maps: subclass `NeuralMemory` and override `features`).
 * data-dependent learning rate and gates  `NeuralMemory.gates(x)` returns the dict
   `{log_ret, lr, log_mom, gamma, extra}` (per head scalars [B, T, H]); override it for
-  channel-wise or low-rank gates.
+  channel-wise or low-rank gates. The retention gate reads in Titans' letters (`alpha_gate =
+  "forget"`: retention 1 − α) or ATLAS/Miras letters (`"retain"`: retention α).
+
+Members built on this layer: `layers.atlas` (Atlas, OmegaNet) and `layers.miras` (Moneta, Yaad,
+Memora) plug their parts into this config and add the parameters those parts own.
 
 Chunk semantics (part of the model, titans.md §2.7, DESIGN.md "chunk-aligned models"): gradients
 inside a chunk of `b` tokens are all taken at the chunk-start state (the anchor); chunks start at
@@ -48,7 +52,6 @@ x W_g), output projection W_O.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -61,6 +64,7 @@ from layers.conv import CausalConv1d, causal_conv1d
 from layers.linear import Dense
 from layers.norms import gated_rms_norm, l2_norm
 from pallas_kernels import neural_memory as nm_op
+from pallas_kernels.impl import check as check_impl
 from pallas_kernels.neural_memory import Layered, MemoryRule, MemoryState
 
 Array = jax.Array
@@ -155,8 +159,11 @@ class NeuralMemoryConfig:
     transform / link / feature_fn: optional plain functions (see the module docstring).
     lr_max: inner learning rate bound (θ = lr_max·sigmoid); None: 1.0 linear, 0.1 MLP.
     *_bias: gate bias initialisations (retention ≈ 0.993 for alpha_bias = −5).
-    impl: "auto" | "reference" | "chunked" (same function); max_resets: static bound on packed
-    document starts per row per call for the chunk-parallel layout (more falls back exactly).
+    alpha_gate: "forget" (Titans: retention 1 − α, α = sigmoid(x w_α + b_α)) | "retain" (ATLAS,
+    Miras: retention α itself).
+    impl: the op's implementation (`pallas_kernels.impl`: auto | reference | chunked, the same
+    function); max_resets: static bound on packed document starts per row per call for the
+    chunk-parallel layout (more falls back exactly).
     """
     dim: int
     n_heads: int
@@ -180,6 +187,7 @@ class NeuralMemoryConfig:
     alpha_bias: float = -5.0
     eta_bias: float = 1.0
     theta_bias: float = -2.0
+    alpha_gate: str = "forget"
     conv_size: int = 4
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -210,6 +218,9 @@ class NeuralMemoryConfig:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.chunk < 1 or self.window < 1:
             raise ValueError(f"chunk={self.chunk} and window={self.window} must be >= 1")
+        if self.alpha_gate not in ("forget", "retain"):
+            raise ValueError(f"alpha_gate={self.alpha_gate!r} is not one of ('forget', 'retain')")
+        check_impl(self.impl, ("neural_memory",), key="impl")
 
 
 def memory_fn_of(cfg: NeuralMemoryConfig) -> Callable:
@@ -235,9 +246,13 @@ class _MLPMemory:
         return Layered(act=gelu_exact, head=self.head)
 
 
+def signal_of(cfg: NeuralMemoryConfig) -> Callable:
+    """The output signal of `cfg.objective` (a name of `SIGNALS` or a signal function)."""
+    return SIGNALS[cfg.objective] if isinstance(cfg.objective, str) else cfg.objective
+
+
 def make_rule(cfg: NeuralMemoryConfig) -> MemoryRule:
-    signal = SIGNALS[cfg.objective] if isinstance(cfg.objective, str) else cfg.objective
-    return MemoryRule(memory_fn=memory_fn_of(cfg), signal_fn=signal, chunk=cfg.chunk,
+    return MemoryRule(memory_fn=memory_fn_of(cfg), signal_fn=signal_of(cfg), chunk=cfg.chunk,
                       window=cfg.window, lr_inside=cfg.lr_inside, transform_fn=cfg.transform,
                       link_fn=cfg.link)
 
@@ -322,7 +337,9 @@ class NeuralMemory(nnx.Module):
     def gates(self, x: Array) -> dict[str, Any]:
         """Per-head gates [B, T, H] by role: log retention, learning rate, log momentum."""
         za = self.w_alpha(x).astype(jnp.float32)
-        out = {"log_ret": jax.nn.log_sigmoid(-za),  # log(1 - alpha)
+        if self.cfg.alpha_gate == "forget":
+            za = -za                                # Titans: retention 1 - alpha = sigmoid(-z)
+        out = {"log_ret": jax.nn.log_sigmoid(za),
                "lr": self.cfg.theta_max * jax.nn.sigmoid(self.w_theta(x).astype(jnp.float32)),
                "log_mom": None, "gamma": None, "extra": None}
         if self.w_eta is not None:

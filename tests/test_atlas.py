@@ -1,27 +1,41 @@
-"""ATLAS family on the shared neural-memory layer (zoo/atlas.py): the invariants and reductions
-of specs/atlas.md §7 in the form the spec states them.
+"""ATLAS family (layers/atlas.py, zoo/atlas.py): the invariants and reductions of specs/atlas.md
+§7 in the form the spec states them, for the layer and for its pure parts (Newton–Schulz, the
+polynomial features, the Omega window) and the φ* kernel forms (tests/memory_reference.py).
 
 The layer's inner maths runs in float32, so comparisons against the float64 numpy token loops
 use rtol 1e-4: five Newton–Schulz steps amplify float32 rounding (atlas.md §6.3); the plain
-GD reductions are checked at 2e-5."""
+GD reductions are checked at 2e-5. The pure parts are checked in float64 where a statement is
+exact (tolerances ~1e-10), in float32 where the spec states a float32 property (Newton–Schulz
+singular-value ranges)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+import memory_reference as ref
 import numpy as np
 import pytest
 from flax import nnx
+from memory_reference import memory_io
 
-import zoo
+from layers.atlas import (
+    newton_schulz,
+    poly_coeffs,
+    poly_coeffs_init,
+    poly_feature_dim,
+    sym_features,
+)
 from layers.memory import NeuralMemory, NeuralMemoryConfig
-from zoo.atlas import AtlasConfig, AtlasMemory, OmegaNetConfig
+from layers.miras import safe_normalize
+from pallas_kernels.attention import reference as attn_ref
+from zoo.atlas import AtlasConfig, OmegaNetConfig
+from zoo.miras import MemoraConfig, MonetaConfig, YaadConfig
 
 B, T, D, H = 2, 11, 8, 2
 BASE = dict(dim=D, n_heads=H, memory="linear", memory_init_std=0.3, lr_max=0.5, lr_bias=0.0,
             alpha_bias=2.0, theta_bias=0.5, gamma_bias=1.0, init_std=0.3)
+F64 = jnp.float64
 
 
 @nnx.jit
@@ -30,26 +44,15 @@ def fwd(layer, x):
 
 
 def make(cls=AtlasConfig, seed=0, **kw):
-    cfg = cls(**{**BASE, **kw})
-    return AtlasMemory(cfg, rngs=nnx.Rngs(params=seed))
+    return cls(**{**BASE, **kw}).mixer(nnx.Rngs(params=seed))
 
 
 def xs(seed=0, length=T):
     return jax.random.normal(jax.random.key(seed), (B, length, D))
 
 
-@nnx.jit
-def memory_io(layer, x):
-    """q, k (features), v, gates and the memory read y [B, T, H, d] of one fresh call."""
-    Bx, Tx, _ = x.shape
-    st = layer.init_state(Bx)
-    real = jnp.ones((Bx, Tx), bool)
-    starts = jnp.zeros((Bx, Tx), bool)
-    pos = jnp.broadcast_to(jnp.arange(Tx, dtype=jnp.int32), (Bx, Tx))
-    q, k, v, _ = layer.qkv(x, st.conv, real, starts)
-    g = layer.gates(x)
-    y, _ = layer.memory(q, k, v, g, st.mem, pos, starts, real, has_resets=False)
-    return q, k, v, g, y
+def rnd(seed, shape, scale=1.0, dtype=F64):
+    return scale * jax.random.normal(jax.random.key(seed), shape, dtype)
 
 
 def ns_np(X, steps=5):
@@ -90,7 +93,7 @@ def omega_loop(q, k, v, g, W0, *, b, c, momentum, ns_steps):
 
 
 def check_against_loop(layer, cfg, x, rtol):
-    q, k, v, g, y = memory_io(layer, x)
+    q, k, v, g, y, _ = memory_io(layer, x)
     W0 = np.asarray(layer.W0["w"][...], np.float64)
     for bb in range(B):
         for h in range(H):
@@ -121,8 +124,7 @@ def test_omeganet_linear_memory_equals_token_loop(gates):
     """OmegaNet (Omega + GD + polynomial features), b = 2, c = 3, both gate forms (§8.1)."""
     cfg = OmegaNetConfig(**{**BASE, "chunk": 2, "window": 3, "window_gates": gates,
                             "impl": "chunked"})
-    layer = AtlasMemory(cfg, rngs=nnx.Rngs(params=0))
-    check_against_loop(layer, cfg, xs(2), rtol=2e-5)
+    check_against_loop(cfg.mixer(nnx.Rngs(params=0)), cfg, xs(2), rtol=2e-5)
 
 
 def test_omeganet_c1_identity_linear_is_titans_without_momentum():
@@ -253,3 +255,271 @@ def test_atlas_finite_gradients_with_an_inert_window():
     for path, gr in jax.tree_util.tree_leaves_with_path(grads):
         assert np.all(np.isfinite(np.asarray(gr))), jax.tree_util.keystr(path)
 
+
+
+@pytest.mark.parametrize("cls", [AtlasConfig, OmegaNetConfig, MonetaConfig, YaadConfig,
+                                 MemoraConfig])
+def test_config_validates_impl_naming_the_key(cls):
+    """zoo.atlas.MemoryLMConfig.validate (Atlas, OmegaNet and the Miras models): `impl` is the
+    neural-memory op's implementation, checked before anything compiles."""
+    cls(impl="chunked").validate()
+    with pytest.raises(ValueError, match=r"^model\.impl='cuda' is not one of"):
+        cls(impl="cuda").validate()
+    with pytest.raises(ValueError, match=r"^model\.impl='pallas': op 'neural_memory'"):
+        cls(impl="pallas").validate()
+
+
+# ----------------------------------------------------------------------------- Newton–Schulz
+
+
+def test_newton_schulz_singular_values_and_symmetries():
+    """atlas.md §7.6 (float32): Gaussian 64×256 and 256×64 inputs come out with every singular
+    value in [0.65, 1.15]; square inputs stay ≤ 1.2; exactly zero singular values stay zero;
+    NS(−X) = −NS(X); NS(cX) = NS(X); shapes preserved."""
+    for shape in [(64, 256), (256, 64)]:
+        X = jax.random.normal(jax.random.key(1), shape)
+        Y = newton_schulz(X)
+        assert Y.shape == shape
+        s = np.linalg.svd(np.asarray(Y), compute_uv=False)
+        assert 0.65 <= s.min() and s.max() <= 1.15, (s.min(), s.max())
+        np.testing.assert_allclose(newton_schulz(-X), -Y, atol=1e-6)
+        np.testing.assert_allclose(newton_schulz(37.0 * X), Y, atol=2e-5)
+    sq = newton_schulz(jax.random.normal(jax.random.key(2), (3, 64, 64)))   # batched
+    assert np.linalg.svd(np.asarray(sq), compute_uv=False).max() <= 1.2
+    # rank 2 in 16×24: the 14 zero singular values stay zero
+    u = jax.random.normal(jax.random.key(3), (16, 2))
+    w = jax.random.normal(jax.random.key(4), (2, 24))
+    s = np.linalg.svd(np.asarray(newton_schulz(u @ w)), compute_uv=False)
+    assert s[:2].min() > 0.5 and s[2:].max() < 1e-4
+
+
+def test_newton_schulz_matches_polar_factor_with_more_steps_and_is_exact_polynomial():
+    """k is a compute knob: the iteration is the stated quintic polynomial (checked step by step
+    on a small matrix in float64), NS_0 is the Frobenius normalisation."""
+    with jax.enable_x64():
+        X = rnd(17, (3, 5))
+        x = X / jnp.sqrt(jnp.sum(X * X) + 1e-14)
+        np.testing.assert_allclose(newton_schulz(X, steps=0), x, rtol=1e-12)
+        for _ in range(3):
+            A = x @ x.T
+            x = 3.4445 * x + (-4.7750 * A + 2.0315 * A @ A) @ x
+        np.testing.assert_allclose(newton_schulz(X, steps=3), x, rtol=1e-12)
+        np.testing.assert_allclose(newton_schulz(X.T, steps=3), x.T, rtol=1e-12)
+
+
+def test_newton_schulz_finite_gradient_at_zero():
+    """NS(0) = 0 and the gradient at S = 0 (an all-inert window) is finite."""
+    Z = jnp.zeros((4, 6))
+    np.testing.assert_array_equal(newton_schulz(Z), 0.0)
+    R = jax.random.normal(jax.random.key(5), (4, 6))
+    g = jax.grad(lambda x: jnp.sum(newton_schulz(x) * R))(Z)
+    assert np.all(np.isfinite(np.asarray(g))) and float(jnp.max(jnp.abs(g))) > 0
+
+
+# ----------------------------------------------------------------------------- feature maps
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_poly_features_realise_the_kernel(p):
+    """φ(q)·φ(k) = Σ_i a_i (q·k)^i (atlas.md §7.5; float64 to 1e-12) with D_φ = Σ C(d+i−1, i)."""
+    with jax.enable_x64():
+        d = 5
+        q, k = rnd(18, (7, d)), rnd(19, (7, d))
+        a = jax.nn.softplus(rnd(20, (p + 1,)))
+        fq, fk = ref.poly_features(q, a), ref.poly_features(k, a)
+        assert fq.shape == (7, poly_feature_dim(d, p))
+        np.testing.assert_allclose(jnp.sum(fq * fk, -1), ref.poly_kernel(q, k, a), rtol=1e-12)
+
+
+def test_poly_features_init_and_identity_coefficients():
+    """At init a = softplus(ρ₀) = (1, 1, 1/2): φ(q)·φ(k) = 1 + q·k + (q·k)²/2; with
+    a = (0, 1, 0) it is q·k; D_φ = 1 + d + d(d+1)/2; degree-2 block = squares then √2 x_j x_l."""
+    with jax.enable_x64():
+        d = 4
+        q, k = safe_normalize(rnd(21, (6, d))), safe_normalize(rnd(22, (6, d)))
+        a0 = poly_coeffs(jnp.asarray(poly_coeffs_init(2)))
+        np.testing.assert_allclose(a0, [1.0, 1.0, 0.5], rtol=1e-14)
+        s = jnp.sum(q * k, -1)
+        np.testing.assert_allclose(jnp.sum(ref.poly_features(q, a0) * ref.poly_features(k, a0), -1),
+                                   1 + s + s * s / 2, rtol=1e-12)
+        a = jnp.asarray([0.0, 1.0, 0.0])
+        np.testing.assert_allclose(jnp.sum(ref.poly_features(q, a) * ref.poly_features(k, a), -1),
+                                   s, atol=1e-14)
+        assert poly_feature_dim(d, 2) == 1 + d + d * (d + 1) // 2
+        x = jnp.asarray([1.0, 2.0, 3.0])
+        np.testing.assert_allclose(sym_features(x, 2),
+                                   [1, 4, 9, 2 * 2 ** .5, 3 * 2 ** .5, 6 * 2 ** .5], rtol=1e-14)
+        np.testing.assert_allclose(ref.poly_residual(ref.poly_features(x, a0), 3, 2), x,
+                                   rtol=1e-14)
+
+
+# ----------------------------------------------------------------------------- Omega window
+
+
+def test_omega_band_structure_and_window_sum():
+    """Γ has no non-zero above the diagonal (source after target) nor beyond c − 1
+    sub-diagonals (atlas.md §7.7); the band applied to source gradients equals the window sum
+    U_t = Σ_j γ^{(t)}[j] u_{t−j}; c = 1 is the online rule U_t = γ_t u_t; gates zero at every
+    offset but 0 reduce the window to c = 1."""
+    with jax.enable_x64():
+        n, c = 6, 3
+        gam = jax.nn.sigmoid(rnd(23, (n, c)))
+        G = np.asarray(ref.omega_band(gam))
+        assert G.shape == (n, n + c - 1)
+        t = np.arange(n)[:, None]
+        src = np.arange(n + c - 1)[None, :] - (c - 1)
+        assert np.all(G[(src > t) | (t - src >= c)] == 0)
+        assert np.all(G[(src <= t) & (t - src < c)] > 0)
+        u = rnd(24, (n, 2, 3))
+        loop = np.stack([sum(np.asarray(gam)[s, j] * np.asarray(u)[s - j]
+                             for j in range(c) if s - j >= 0) for s in range(n)])
+        np.testing.assert_allclose(ref.omega_window_sum(u, gam), loop, rtol=1e-13)
+        g1 = gam[:, :1]
+        np.testing.assert_allclose(ref.omega_window_sum(u, g1), g1[:, :, None] * u, rtol=1e-14)
+        only0 = gam * jnp.asarray([1.0, 0.0, 0.0])
+        np.testing.assert_allclose(ref.omega_window_sum(u, only0), ref.omega_window_sum(u, g1),
+                                   rtol=1e-14)
+        valid = jnp.asarray([0, 0, 1, 1, 1, 1], bool)
+        np.testing.assert_allclose(ref.omega_window_sum(u, gam, valid)[2],
+                                   gam[2, 0] * u[2], rtol=1e-14)
+        # keep-gate variant: γ_i^{(t)} = g_i
+        gs = jax.nn.sigmoid(rnd(25, (n + c - 1,)))
+        K = np.asarray(ref.keep_gate_band(gs, n, c))
+        want = np.where((src <= t) & (t - src < c), np.asarray(gs)[None, :], 0.0)
+        np.testing.assert_allclose(K, want, rtol=1e-15)
+
+
+def test_omega_rule_c1_equals_online_rule_linear_memory():
+    """Omega rule with c = 1, γ ≡ 1 equals the online rule (atlas.md §2.4), token level, linear
+    memory on polynomial features: the window gradient U_t formed by `omega_window_sum` over the
+    per-source gradients at M_{t−1} (jax.grad of the ½-loss) equals the single online gradient
+    φ(k_t)(φ(k_t)ᵀM_{t−1} − v_t)."""
+    with jax.enable_x64():
+        T, d, dv = 7, 3, 2
+        a = poly_coeffs(jnp.asarray(poly_coeffs_init(2)))
+        k, v = ref.poly_features(safe_normalize(rnd(26, (T, d))), a), rnd(27, (T, dv))
+        alpha, eta = jax.nn.sigmoid(rnd(28, (T,)) + 3), 0.5 * jax.nn.sigmoid(rnd(29, (T,)))
+        src_grads = jax.jit(jax.vmap(jax.grad(lambda m, kk, vv: ref.l2_loss(kk @ m, vv)),
+                                     (None, 0, 0)))
+        wsum = jax.jit(ref.omega_window_sum)
+
+        def run(gam):
+            M = jnp.zeros((k.shape[1], dv))
+            outs = []
+            for t in range(T):
+                U = wsum(src_grads(M, k, v), gam)[t]      # sources after t carry no gate weight
+                M = alpha[t] * M - eta[t] * U
+                outs.append(M)
+            return np.stack(outs)
+
+        kn, vn, an, en = (np.asarray(x) for x in (k, v, alpha, eta))
+        online, M = [], np.zeros((kn.shape[1], dv))
+        for t in range(T):
+            M = an[t] * M - en[t] * np.outer(kn[t], kn[t] @ M - vn[t])
+            online.append(M)
+        np.testing.assert_allclose(run(jnp.ones((T, 1))), np.stack(online), rtol=1e-12)
+        # a wider window is a different model (the test bites)
+        assert not np.allclose(run(jnp.ones((T, 3))), np.stack(online))
+
+
+# ----------------------------------------------------------------------------- φ* kernel forms
+
+
+def _attn_ref(q, k, v, scale, window):
+    T = q.shape[0]
+    pos = jnp.arange(T)[None]
+    z = jnp.zeros((1, T), jnp.int32)
+    return attn_ref.attention(q[None, :, None], k[None, :, None], v[None, :, None], q_pos=pos,
+                              k_pos=pos, q_group=z, k_group=z, k_valid=jnp.ones((1, T), bool),
+                              causal=True, window=window, scale=scale)[0, :, 0]
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_deep_transformer_normalised_is_softmax_attention(window):
+    """DeepTransformer, linear memory, normalised, α ≡ η ≡ 1 == causal softmax attention with the
+    same kernel scale (atlas.md §7.4, 1e-6); SWDT with a window of c = 4 tokens == the shared
+    sliding-window attention with W = c − 1 = 3."""
+    T, d = 11, 4
+    q, k, v = (jax.random.normal(jax.random.key(s), (T, d)) for s in (30, 31, 32))
+    ours = ref.deep_transformer_read(q, k, v, scale=d ** -0.5, window=window, normalize=True)
+    np.testing.assert_allclose(ours, _attn_ref(q, k, v, d ** -0.5, window), atol=1e-6, rtol=1e-6)
+
+
+def test_deep_transformer_kernel_form_equals_linear_memory_on_truncated_phi_star():
+    """The kernel form is the linear memory M_t = α_t M_{t−1} + η_t v_t φ*(k_t)ᵀ read at φ*(q_t):
+    compared with the explicit recurrence on the order-10 truncation of φ* (the polynomial map
+    with a_i = s^i/i!), whose kernel error is < 1e-10 for |q·k| ≤ 1."""
+    with jax.enable_x64():
+        T, d, dv, p, s = 9, 3, 2, 10, 0.7
+        q = safe_normalize(rnd(33, (T, d)))
+        k = safe_normalize(rnd(34, (T, d)))
+        v = rnd(35, (T, dv))
+        la, eta = jnp.log(jax.nn.sigmoid(rnd(36, (T,)) + 2)), jax.nn.sigmoid(rnd(37, (T,)))
+        a = jnp.asarray([s ** i / math.factorial(i) for i in range(p + 1)])
+        fq, fk = np.asarray(ref.poly_features(q, a)), np.asarray(ref.poly_features(k, a))
+        vn, ln, en = np.asarray(v), np.asarray(la), np.asarray(eta)
+        M = np.zeros((fk.shape[1], dv))
+        ys = []
+        for t in range(T):
+            M = np.exp(ln[t]) * M + en[t] * np.outer(fk[t], vn[t])
+            ys.append(fq[t] @ M)
+        ours = ref.deep_transformer_read(q, k, v, scale=s, log_alpha=la, eta=eta)
+        np.testing.assert_allclose(ours, np.stack(ys), atol=1e-9, rtol=1e-9)
+        sw = ref.deep_transformer_read(q, k, v, scale=s, eta=eta, window=2)
+        qn, kn = np.asarray(q), np.asarray(k)
+        want = [sum(en[i] * np.exp(s * qn[t] @ kn[i]) * vn[i] for i in range(max(0, t - 2), t + 1))
+                for t in range(T)]
+        np.testing.assert_allclose(sw, np.stack(want), rtol=1e-12)
+
+
+def test_dot_triangular_solve_equals_token_loop_and_deltanet():
+    """Dot, linear memory, c = 1: the triangular-solve form equals the token loop of the
+    kernelised delta rule (atlas.md §7.4); with φ = id (linear kernel) both equal DeltaNet
+    M_t = M_{t−1} + η_t (v_t − M_{t−1} k_t) k_tᵀ; gradients of the two forms agree."""
+    with jax.enable_x64():
+        T, d, dv = 10, 3, 2
+        q = safe_normalize(rnd(38, (T, d)))
+        k = safe_normalize(rnd(39, (T, d)))
+        v = rnd(40, (T, dv))
+        eta = jax.nn.sigmoid(rnd(41, (T,)))
+        one = jnp.ones((T, 1))
+        for kern in ("exp", "linear"):
+            a = ref.dot_solve(q, k, v, eta, scale=0.8, kernel=kern)
+            b = ref.dot_token_loop(q, k, v, eta, one, scale=0.8, kernel=kern)
+            np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
+        qn, kn, vn, en = (np.asarray(x) for x in (q, k, v, eta))
+        M = np.zeros((dv, d))
+        ys = []
+        for t in range(T):
+            M = M + en[t] * np.outer(vn[t] - M @ kn[t], kn[t])
+            ys.append(M @ qn[t])
+        np.testing.assert_allclose(ref.dot_solve(q, k, v, eta, scale=1.0, kernel="linear"),
+                                   np.stack(ys), rtol=1e-12, atol=1e-13)
+        ga = jax.grad(lambda vv: jnp.sum(ref.dot_solve(q, k, vv, eta, scale=0.8) ** 2))(v)
+        gb = jax.grad(lambda vv: jnp.sum(ref.dot_token_loop(q, k, vv, eta, one, scale=0.8) ** 2))(v)
+        np.testing.assert_allclose(ga, gb, rtol=1e-10)
+
+
+def test_dot_window_equals_omega_rule_on_truncated_phi_star():
+    """Dot with a window c = 3, gates γ and decay: the kernel token loop equals the Omega rule
+    on an explicit linear memory over the order-12 truncation of φ* (atlas.md §2.7 ρ-form)."""
+    with jax.enable_x64():
+        T, d, dv, c, s = 8, 2, 2, 3, 0.6
+        q = safe_normalize(rnd(42, (T, d)))
+        k = safe_normalize(rnd(43, (T, d)))
+        v = rnd(44, (T, dv))
+        eta = 0.5 * jax.nn.sigmoid(rnd(45, (T,)))
+        alpha = jax.nn.sigmoid(rnd(46, (T,)) + 3)
+        gam = jax.nn.sigmoid(rnd(47, (T, c)))
+        a = jnp.asarray([s ** i / math.factorial(i) for i in range(13)])
+        fq, fk = np.asarray(ref.poly_features(q, a)), np.asarray(ref.poly_features(k, a))
+        vn, en, an, gn = (np.asarray(x) for x in (v, eta, alpha, gam))
+        M = np.zeros((fk.shape[1], dv))
+        ys = []
+        for t in range(T):   # explicit Omega rule: every window source's gradient at M_{t−1}
+            U = sum(gn[t, j] * np.outer(fk[t - j], fk[t - j] @ M - vn[t - j])
+                    for j in range(c) if t - j >= 0)
+            M = an[t] * M - en[t] * U
+            ys.append(fq[t] @ M)
+        ours = ref.dot_token_loop(q, k, v, eta, gam, scale=s, alpha=alpha)
+        np.testing.assert_allclose(ours, np.stack(ys), rtol=1e-9, atol=1e-10)

@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layers.memory import (NeuralMemory, NeuralMemoryConfig, _MLPMemory, l2_signal,
-                           linear_memory)
+from layers.memory import NeuralMemory, NeuralMemoryConfig, _MLPMemory, l2_signal, linear_memory
 from pallas_kernels.neural_memory import MemoryRule, chunked, init_state
-from pallas_kernels.neural_memory.reference import layered_of
 from pallas_kernels.neural_memory import neural_memory as _nm
+from pallas_kernels.neural_memory.reference import layered_of
 
 neural_memory = jax.jit(_nm, static_argnums=(0,), static_argnames=("impl", "max_resets"))
 B, T, H, D = 2, 11, 2, 4
@@ -274,3 +273,12 @@ def test_chunked_loop_runs_over_chunks_not_tokens():
 
     walk(jaxpr.jaxpr)
     assert lengths == [4]
+
+
+def test_config_validates_impl_naming_the_key():
+    """NeuralMemoryConfig.impl is the op's implementation, checked before anything compiles."""
+    NeuralMemoryConfig(dim=8, n_heads=2, impl="chunked").validate()
+    with pytest.raises(ValueError, match=r"^impl='cuda' is not one of"):
+        NeuralMemoryConfig(dim=8, n_heads=2, impl="cuda").validate()
+    with pytest.raises(ValueError, match=r"^impl='pallas': op 'neural_memory'"):
+        NeuralMemoryConfig(dim=8, n_heads=2, impl="pallas").validate()

@@ -1,37 +1,36 @@
-"""Moneta, Yaad, Memora on the shared neural-memory layer (zoo/miras.py): specs/miras.md §7.
+"""Moneta, Yaad, Memora (layers/miras.py, zoo/miras.py): specs/miras.md §7, for the layers and
+for their pure parts (attentional biases, retention links) against the reference forms of
+tests/memory_reference.py.
 
 Linear matrix memories (row layout y = q W) so that float64 numpy token loops of the literal
-equations are the references; the layer's inner maths is float32 (tolerance 2e-5 relative)."""
+equations are the references; the layer's inner maths is float32 (tolerance 2e-5 relative).
+The pure parts are checked in float64 where a statement is exact (tolerances ~1e-10)."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import memory_reference as ref
 import numpy as np
 import pytest
 from flax import nnx
+from memory_reference import memory_io
 
-from zoo.miras import MemoraConfig, MirasMemory, MonetaConfig, YaadConfig
+from layers import miras
+from layers.memory import l2_signal
+from zoo.miras import MemoraConfig, MonetaConfig, YaadConfig
 
 B, T, D, H = 2, 10, 8, 2
 BASE = dict(dim=D, n_heads=H, memory="linear", memory_init_std=0.3, lr_max=0.5, lr_bias=0.0,
             alpha_bias=2.0, init_std=0.3, gate_rank=4)
+F64 = jnp.float64
 
 
 def make(cls, **kw):
-    return MirasMemory(cls(**{**BASE, **kw}), rngs=nnx.Rngs(params=0))
+    return cls(**{**BASE, **kw}).mixer(nnx.Rngs(params=0))
 
 
-@nnx.jit
-def memory_io(layer, x):
-    Bx, Tx, _ = x.shape
-    st = layer.init_state(Bx)
-    real = jnp.ones((Bx, Tx), bool)
-    starts = jnp.zeros((Bx, Tx), bool)
-    pos = jnp.broadcast_to(jnp.arange(Tx, dtype=jnp.int32), (Bx, Tx))
-    q, k, v, _ = layer.qkv(x, st.conv, real, starts)
-    g = layer.gates(x)
-    y, mem = layer.memory(q, k, v, g, st.mem, pos, starts, real, has_resets=False)
-    return q, k, v, g, y, mem
+def rnd(seed, shape, scale=1.0, dtype=F64):
+    return scale * jax.random.normal(jax.random.key(seed), shape, dtype)
 
 
 def x_in(seed=0):
@@ -179,3 +178,167 @@ def test_moneta_fixed_point():
                                rtol=1e-6)
     np.testing.assert_allclose(np.asarray(y), np.einsum("bthk,hkv->bthv", np.asarray(q), A0),
                                rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- attentional biases
+
+CASES = [
+    ("l2", {}),
+    ("dot", {}),
+    ("lp", {"p": 3.0}),
+    ("lp", {"p": 1.5}),
+    ("lp", {"p": 2.0}),
+    ("huber", {"delta": 0.5}),
+    ("huber", {"delta": np.array([0.2, 0.5, 1.0, 2.0, 0.05])}),
+    ("huber_norm", {"delta": 1.0}),
+    ("huber_mixture", {"delta": 1.0}),
+    ("value_shift", {"shift": 0.3}),
+]
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_signal_is_gradient_of_loss(name, kw):
+    """Closed-form output signal ψ = dℓ/dy equals jax.grad of the per-token loss (float64),
+    on tokens on both sides of every threshold (norms from ~0.1 to ~4)."""
+    with jax.enable_x64():
+        obj = ref.OBJECTIVES[name]
+        scales = jnp.asarray([0.05, 0.3, 0.6, 1.0, 2.0, 4.0], F64)[:, None]
+        y = rnd(0, (6, 5)) * scales
+        v = rnd(1, (6, 5)) * scales * 0.1
+        kw = {k: (jnp.asarray(x) if isinstance(x, np.ndarray) else x) for k, x in kw.items()}
+        g = jax.vmap(jax.grad(lambda yy, vv: obj.loss(yy, vv, **kw)))(y, v)
+        s = obj.signal(y, v, **kw)
+        np.testing.assert_allclose(np.asarray(s), np.asarray(g), atol=1e-12, rtol=1e-10)
+        if name in ("huber_norm", "huber_mixture"):   # both branches were exercised
+            n = np.linalg.norm(np.asarray(y - v), axis=-1)
+            assert (n < kw["delta"]).any() and (n > kw["delta"]).any()
+
+
+def test_lp_with_p2_is_the_l2_objective():
+    """ℓp with p = 2 is the ℓ2 objective: ‖e‖₂² = 2·(½‖e‖²) (the ½ convention puts the 2 in η)."""
+    with jax.enable_x64():
+        y, v = rnd(2, (4, 6)), rnd(3, (4, 6))
+        np.testing.assert_allclose(ref.lp_loss(y, v, 2.0), 2 * ref.l2_loss(y, v), rtol=1e-13)
+        np.testing.assert_allclose(miras.lp_signal(y, v, 2.0), 2 * l2_signal(y, v), rtol=1e-13)
+
+
+def test_lp_smooth_surrogate_tends_to_exact_signal():
+    """Moneta's tanh/sqrt surrogate → exact ℓp signal (errors O(ε^{1/2}) and O(e^{−a|e|}))."""
+    with jax.enable_x64():
+        y, v = rnd(4, (8, 6)), rnd(5, (8, 6))
+        exact = miras.lp_signal(y, v, 3.0)
+        loose = miras.lp_signal_smooth(y, v, 3.0, a=10.0, eps=1e-6)
+        tight = miras.lp_signal_smooth(y, v, 3.0, a=1e4, eps=1e-14)
+        err_loose = float(jnp.max(jnp.abs(loose - exact)))
+        err_tight = float(jnp.max(jnp.abs(tight - exact)))
+        assert err_tight < 1e-6 < err_loose
+
+
+def test_huber_limits():
+    """Yaad: δ → ∞ gives the ℓ2 signal; δ → 0⁺ with the ℓ1 branch scaled by 1/δ gives sign(e)."""
+    with jax.enable_x64():
+        y, v = rnd(6, (5, 4)), rnd(7, (5, 4))
+        np.testing.assert_array_equal(miras.huber_signal(y, v, 1e9), y - v)
+        d = 1e-9
+        np.testing.assert_allclose(miras.huber_signal(y, v, d) / d, jnp.sign(y - v),
+                                   rtol=1e-15)  # 1/d rounding
+
+
+def test_yaad_linear_memory_step():
+    """Linear matrix memory, coordinate-wise Yaad: one step is W − η clip(kW − v, ±δ)ᵀ-outer-k,
+    i.e. W − η kᵀ clip(e, ±δ) in row layout, equal to a descent step on the Huber loss."""
+    with jax.enable_x64():
+        W, k, v = rnd(8, (4, 3)), rnd(9, (4,)), rnd(10, (3,))
+        delta, eta = jnp.asarray([0.1, 0.5, 5.0]), 0.3
+        lit = W - eta * jnp.outer(k, jnp.clip(k @ W - v, -delta, delta))
+        auto = W - eta * jax.grad(lambda w: ref.huber_loss(k @ w, v, delta))(W)
+        np.testing.assert_allclose(lit, auto, atol=1e-14)
+
+
+@pytest.mark.parametrize("name,kw", [("huber_norm", {"delta": 1.0}),
+                                     ("huber_mixture", {"delta": 1.0}),
+                                     ("value_shift", {"shift": 0.3}),
+                                     ("lp", {"p": 1.5}), ("lp", {"p": 3.0})])
+def test_safe_norms_finite_at_zero_error(name, kw):
+    """Exact zero errors (a pair the memory fits, inert padding): loss, signal and the gradient of
+    the signal (the outer loop differentiates through it) are finite."""
+    obj = ref.OBJECTIVES[name]
+    v = jnp.asarray([0.3, -1.0, 2.0], jnp.float32)
+    y = v
+    assert np.isfinite(float(obj.loss(y, v, **kw)))
+    assert np.all(np.isfinite(np.asarray(obj.signal(y, v, **kw))))
+    g = jax.grad(lambda yy: jnp.sum(obj.signal(yy, v, **kw) * jnp.arange(1.0, 4.0)))(y)
+    assert np.all(np.isfinite(np.asarray(g)))
+    g2 = jax.grad(lambda yy: obj.loss(yy, v, **kw))(y)
+    assert np.all(np.isfinite(np.asarray(g2)))
+
+
+# ----------------------------------------------------------------------------- retention
+
+
+def test_l2_retention_is_the_argmin():
+    """λ W₀ − ζ g with (λ, ζ) = (β/(β+η), ηλ) zeroes the gradient of the learning–retaining
+    objective ⟨W − W₀, g⟩ + ½‖W − W₀‖²/η + ½‖W‖²/β."""
+    with jax.enable_x64():
+        W0, g = rnd(11, (3, 4)), rnd(12, (3, 4))
+        eta, beta = 0.3, 2.0
+        lam, zeta = ref.l2_retention_coefficients(eta, beta)
+        W = ref.decay_step(W0, g, lam, zeta)
+        obj = lambda w: (jnp.sum((w - W0) * g) + 0.5 * jnp.sum((w - W0) ** 2) / eta
+                         + 0.5 * jnp.sum(w ** 2) / beta)
+        np.testing.assert_allclose(jax.grad(obj)(W), 0.0, atol=1e-14)
+
+
+def test_moneta_link():
+    """q = 2: W = A; the printed link W = A/‖A‖_q^{q−2} (entry-wise q-norm per matrix) and the
+    element-wise option against their formulas; homogeneity degree 3 − q; ‖A₀‖_q = 1 after
+    `moneta_init` and then W₀ = A₀ (the fixed point of miras.md §7.6); finite gradient at A = 0."""
+    with jax.enable_x64():
+        A = rnd(13, (2, 3, 4))
+        np.testing.assert_array_equal(miras.moneta_link(A, 2.0), A)
+        n4 = np.sum(np.abs(np.asarray(A)) ** 4, axis=(-2, -1), keepdims=True) ** 0.25
+        np.testing.assert_allclose(miras.moneta_link(A, 4.0, eps=0.0), np.asarray(A) / n4 ** 2,
+                                   rtol=1e-13)
+        np.testing.assert_allclose(ref.moneta_link_elementwise(A, 4.0, eps=0.0),
+                                   np.asarray(A) * np.abs(np.asarray(A)) ** 2 / n4 ** 2, rtol=1e-13)
+        np.testing.assert_allclose(miras.moneta_link(3.0 * A, 4.0, eps=0.0),
+                                   3.0 ** (3 - 4) * miras.moneta_link(A, 4.0, eps=0.0), rtol=1e-13)
+        A0 = miras.moneta_init(A, 4.0, eps=0.0)
+        np.testing.assert_allclose(miras.matrix_q_norm(A0, 4.0, eps=0.0), 1.0, rtol=1e-13)
+        np.testing.assert_allclose(miras.moneta_link(A0, 4.0, eps=0.0), A0, rtol=1e-13)
+    g = jax.grad(lambda a: jnp.sum(miras.moneta_link(a, 4.0) * 1.7))(jnp.zeros((3, 4)))
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_memora_logit_form_equals_literal_softmax_update():
+    """The logit recurrence Z_t = α Z_{t−1} − η ∇ℓ, W_t = c·Softmax(Z_t) equals the literal
+    Eq. 27 W_t = c·Softmax(α log W_{t−1} − η ∇ℓ) step by step (float64, 1e-12), and every
+    column (an output unit's incoming weights) stays positive and sums to c."""
+    with jax.enable_x64():
+        c = 2.0
+        Z = rnd(14, (4, 3))
+        W = miras.memora_weights(Z, c)
+        for t in range(6):
+            g = rnd(100 + t, (4, 3))
+            alpha, eta = 0.9 + 0.01 * t, 0.2 + 0.05 * t
+            W = ref.memora_literal_step(W, g, alpha, eta, c)
+            Z = ref.memora_logit_step(Z, g, alpha, eta)
+            np.testing.assert_allclose(miras.memora_weights(Z, c), W, rtol=1e-12, atol=1e-12)
+            assert np.all(np.asarray(W) > 0)
+            np.testing.assert_allclose(np.sum(np.asarray(W), axis=-2), c, rtol=1e-13)
+
+
+def test_kl_simplex_coefficients_and_elastic_net():
+    with jax.enable_x64():
+        keep, step = ref.kl_simplex_coefficients(2.0, 0.5)
+        lam = (1 / 2.0) / (1 / 2.0 + 1 / 0.5)
+        np.testing.assert_allclose([keep, step], [1 - lam, 1 / (1 / 2.0 + 1 / 0.5)], rtol=1e-15)
+        z = jnp.asarray([-2.0, -0.3, 0.0, 0.2, 1.5])
+        np.testing.assert_allclose(ref.soft_threshold(z, 0.5), [-1.5, 0, 0, 0, 1.0], atol=0)
+        np.testing.assert_allclose(ref.soft_threshold_smooth(jnp.asarray([40.0]), 1e-3), [40.0],
+                                   rtol=1e-4)
+        W = jax.nn.sigmoid(rnd(15, (3, 3)))
+        g = rnd(16, (3, 3))
+        Wn = ref.bregman_logit_step(W, g, 0.1)
+        np.testing.assert_allclose(jnp.log(Wn / (1 - Wn)), jnp.log(W / (1 - W)) - 0.1 * g,
+                                   rtol=1e-12, atol=1e-12)

@@ -1,75 +1,53 @@
-"""Pluggable parts of the neural-memory layer: pure maths of specs/miras.md and specs/atlas.md.
+"""Test-only reference maths of the memory layers (specs/miras.md, specs/atlas.md): the forms the
+library does not run, written to check the library's against them.
 
-Everything here is a pure function on explicit arrays (no parameters, no state); the memory layer
-(`layers/memory.py`) and the ATLAS / Miras models plug them in. Sections:
-
-* safe norms — finite gradients at exact zeros (a pair the memory already fits, inert padding);
-  never `jnp.linalg.norm` on a possibly-zero input (its gradient at 0 is NaN).
-* attentional biases (inner objectives, miras.md §2.3): `loss(y, v)` per token (summed over the
-  last axis) and its closed-form output signal `signal(y, v) = d loss / d y`; the memory
-  gradient is the back-propagation of this signal through the memory (`∇_W ℓ = backprop(ψ)`).
-* retention (miras.md §2.4–2.5): ℓ2 decay coefficients of the learning–retaining view, Moneta's
-  q-norm link, Memora's softmax (KL) retention in its literal and exact logit forms, elastic net,
-  Bregman (logit) mirror step.
-* Newton–Schulz / Muon orthogonalisation (atlas.md §2.6, §6.3).
-* feature maps (atlas.md §2.3): identity, exact symmetric polynomial map with learnable
-  non-negative coefficients, the polynomial kernel it realises.
-* the Omega rule's sliding window of `c` tokens with gates γ (atlas.md §2.4, §4.1).
-* ATLAS's exponential feature map φ* through its kernel form (atlas.md §2.7): DeepTransformer /
-  SWDT read (unnormalised or normalised, with optional decay and rates) and Dot (kernelised
-  Omega/delta rule: triangular solve for c = 1, token loop for any window).
+* attentional biases (miras.md §2.3): the per-token losses `loss(y, v)` (summed over the last
+  axis) beside their closed-form output signals `signal(y, v) = d loss / d y`: `OBJECTIVES`, the
+  one table of objectives (its signals are the library's where the library has them);
+* retention (miras.md §2.1, §2.4–2.5): ℓ2 decay coefficients of the learning–retaining view,
+  Moneta's element-wise link option, Memora's literal softmax step and exact logit step, KL
+  simplex coefficients, elastic net (soft threshold), Bregman (logit) mirror step;
+* feature maps (atlas.md §2.3): the polynomial map in degree order, the kernel it realises and
+  its degree-1 block;
+* the Omega rule's window of c tokens with gates γ (atlas.md §2.4, §4.1): banded gate matrices
+  and the window sum over a whole sequence;
+* ATLAS's exponential feature map φ* through its kernel form (atlas.md §2.7): the DeepTransformer
+  / SWDT read (unnormalised or normalised, with optional decay and rates) and Dot (kernelised
+  Omega/delta rule: triangular solve for c = 1, token loop for any window);
+* `memory_io`: the q, k, v, gates and memory read of one fresh call of a memory layer.
 
 Conventions: ½-loss (titans.md §2.4); ATLAS letters (α retention multiplier, η learning rate,
 θ momentum); row layout `z = x W`, `W ∈ R^{d_in×d_out}`; matrices are the last two axes.
 """
 from __future__ import annotations
 
-import functools
-import itertools
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from layers.atlas import sym_features
+from layers.memory import dot_signal, l2_signal
+from layers.miras import (
+    huber_norm_signal,
+    huber_signal,
+    lp_signal,
+    lp_signal_smooth,
+    safe_abs_pow,
+    safe_norm,
+    safe_normalize,
+)
 
 Array = jax.Array
-
-# ----------------------------------------------------------------------------- safe norms
-
-
-def safe_norm(x: Array, axis=-1, keepdims: bool = False) -> Array:
-    """Euclidean norm with a double `where`: exact value, gradient 0 (not NaN) at x = 0."""
-    n2 = jnp.sum(x * x, axis=axis, keepdims=keepdims)
-    pos = n2 > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, n2, 1.0)), 0.0)
-
-
-def safe_normalize(x: Array, axis=-1) -> Array:
-    """x / ‖x‖ with 0 at x = 0 (finite gradient everywhere)."""
-    n2 = jnp.sum(x * x, axis=axis, keepdims=True)
-    pos = n2 > 0
-    return jnp.where(pos, x * jax.lax.rsqrt(jnp.where(pos, n2, 1.0)), 0.0)
-
-
-def safe_abs_pow(x: Array, r: float) -> Array:
-    """|x|^r with value and gradient 0 at x = 0 for r > 0 (r = 0 gives 1 everywhere)."""
-    if r == 0:
-        return jnp.ones_like(x)
-    nz = x != 0
-    return jnp.where(nz, jnp.abs(jnp.where(nz, x, 1.0)) ** r, 0.0)
-
-
-def safe_sign(x: Array) -> Array:
-    return jnp.sign(x)
-
 
 # ----------------------------------------------------------------------------- attentional biases
 #
 # y: memory output M(k) [..., d]; v: target [..., d]; e = y - v. Each `*_loss` returns the
-# per-token loss [...] and each `*_signal` its exact gradient w.r.t. y (checked against jax.grad
-# in tests/test_memory_parts.py), except where a docstring says "surrogate".
+# per-token loss [...]; its signal is the exact gradient w.r.t. y (checked against jax.grad in
+# tests/test_miras.py), except where a docstring says "surrogate".
 
 
 def l2_loss(y: Array, v: Array) -> Array:
@@ -78,37 +56,14 @@ def l2_loss(y: Array, v: Array) -> Array:
     return 0.5 * jnp.sum(e * e, axis=-1)
 
 
-def l2_signal(y: Array, v: Array) -> Array:
-    return y - v
-
-
 def dot_loss(y: Array, v: Array) -> Array:
     """Hebbian bias −⟨y, v⟩ (sign chosen so that a descent step adds v φ(k)ᵀ, atlas.md §2.7)."""
     return -jnp.sum(y * v, axis=-1)
 
 
-def dot_signal(y: Array, v: Array) -> Array:
-    return -v + 0.0 * y
-
-
 def lp_loss(y: Array, v: Array, p: float) -> Array:
     """‖e‖_p^p = Σ_j |e_j|^p."""
     return jnp.sum(safe_abs_pow(y - v, p), axis=-1)
-
-
-def lp_signal(y: Array, v: Array, p: float) -> Array:
-    """Exact ℓp signal p·sign(e)⊙|e|^{p−1} (p = 1: sign(e), the value-less memory; p = 2: 2e)."""
-    e = y - v
-    return p * safe_sign(e) * safe_abs_pow(e, p - 1.0)
-
-
-def lp_signal_smooth(y: Array, v: Array, p: float, a: float = 10.0, eps: float = 1e-6) -> Array:
-    """Moneta's smooth surrogate (miras.md §2.5): p·tanh(a e)⊙(e² + ε)^{(p−1)/2}.
-
-    A surrogate, not the gradient of a closed-form loss: it tends to `lp_signal` as a → ∞ and
-    ε → 0 (error O(ε^{1/2}) and O(e^{−a|e|}))."""
-    e = y - v
-    return p * jnp.tanh(a * e) * (e * e + eps) ** ((p - 1.0) / 2.0)
 
 
 def huber(a: Array, delta) -> Array:
@@ -122,23 +77,9 @@ def huber_loss(y: Array, v: Array, delta) -> Array:
     return jnp.sum(huber(y - v, delta), axis=-1)
 
 
-def huber_signal(y: Array, v: Array, delta) -> Array:
-    """clip(e, −δ, δ)."""
-    delta = jnp.asarray(delta, dtype=jnp.result_type(y))
-    return jnp.clip(y - v, -delta, delta)
-
-
 def huber_norm_loss(y: Array, v: Array, delta) -> Array:
     """Huber on the norm, H_δ(‖e‖₂) (flavour 2; δ a scalar per token/head)."""
     return huber(safe_norm(y - v), delta)
-
-
-def huber_norm_signal(y: Array, v: Array, delta) -> Array:
-    """e if ‖e‖ ≤ δ else δ e/‖e‖ (safe at e = 0)."""
-    e = y - v
-    n = safe_norm(e, keepdims=True)
-    delta = jnp.asarray(delta, dtype=jnp.result_type(y))[..., None] if jnp.ndim(delta) else delta
-    return jnp.where(n <= delta, e, delta * safe_normalize(e))
 
 
 def huber_mixture_loss(y: Array, v: Array, delta) -> Array:
@@ -194,12 +135,6 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
-def objective(name: str) -> Objective:
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown attentional bias {name!r}; known: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name]
-
-
 # ----------------------------------------------------------------------------- retention
 
 
@@ -216,42 +151,11 @@ def decay_step(W: Array, g: Array, alpha, eta) -> Array:
     return alpha * W - eta * g
 
 
-def matrix_q_norm(A: Array, q: float, eps: float = 1e-12) -> Array:
-    """Entry-wise q-norm of each matrix (last two axes), (Σ|A|^q + eps)^{1/q}: the eps makes the
-    norm ≥ eps^{1/q} > 0 and its gradient finite at A = 0 (miras.md §2.5 guard)."""
-    s = jnp.sum(safe_abs_pow(A, q), axis=(-2, -1), keepdims=True)
-    return (s + eps) ** (1.0 / q)
-
-
-def moneta_link(A: Array, q: float, eps: float = 1e-12, elementwise: bool = False) -> Array:
-    """Moneta's q-norm retention link (Eq. 24, printed form): W = A / ‖A‖_q^{q−2}.
-
-    `elementwise=True` is the textbook p-norm link A ⊙ |A|^{q−2} / ‖A‖_q^{q−2} (miras.md §8.1).
-    q = 2 gives W = A."""
-    if q == 2:
-        return A
+def moneta_link_elementwise(A: Array, q: float, eps: float = 1e-12) -> Array:
+    """The textbook p-norm link A ⊙ |A|^{q−2} / ‖A‖_q^{q−2} (miras.md §8.1; the layer uses the
+    printed form `layers.miras.moneta_link`)."""
     s = jnp.sum(safe_abs_pow(A, q), axis=(-2, -1), keepdims=True) + eps
-    inv = s ** (-(q - 2.0) / q)           # 1 / ‖A‖_q^{q−2}
-    if elementwise:
-        return A * safe_abs_pow(A, q - 2.0) * inv
-    return A * inv
-
-
-def moneta_normalizer(A: Array, q: float, eps: float = 1e-12) -> Array:
-    """c = ‖A‖_q^{q−2} (the scalar Moneta divides by; shape [..., 1, 1])."""
-    s = jnp.sum(safe_abs_pow(A, q), axis=(-2, -1), keepdims=True) + eps
-    return s ** ((q - 2.0) / q)
-
-
-def moneta_init(W_tilde: Array, q: float, eps: float = 1e-12) -> Array:
-    """A₀ = W̃₀ / ‖W̃₀‖_q, so ‖A₀‖_q = 1 and W₀ = A₀ (miras.md §2.5 [choice])."""
-    return W_tilde / matrix_q_norm(W_tilde, q, eps)
-
-
-def memora_weights(Z: Array, scale, axis: int = -2) -> Array:
-    """W = c · Softmax_axis(Z): each output unit's incoming weights (the input axis -2 of a row
-    layout matrix) form a distribution scaled by c (miras.md §2.5 [choice])."""
-    return scale * jax.nn.softmax(Z, axis=axis)
+    return A * safe_abs_pow(A, q - 2.0) * s ** (-(q - 2.0) / q)
 
 
 def memora_literal_step(W: Array, g: Array, alpha, eta, scale, axis: int = -2) -> Array:
@@ -284,97 +188,19 @@ def soft_threshold_smooth(z: Array, gamma) -> Array:
     return jnp.abs(z) * jnp.arctan(z / gamma) / (jnp.pi / 2)
 
 
-def elastic_net_step(W: Array, g: Array, lam, zeta, gamma) -> Array:
-    """Learning–retaining elastic net: W_t = S_γ(λ W_{t−1} − ζ ∇ℓ)."""
-    return soft_threshold(lam * W - zeta * g, gamma)
-
-
 def bregman_logit_step(W: Array, g: Array, eta) -> Array:
     """Mirror descent with f′ = logit: W_t = σ(logit(W_{t−1}) − η ∇ℓ), entries in (0, 1)."""
     return jax.nn.sigmoid(jnp.log(W) - jnp.log1p(-W) - eta * g)
 
 
-# ----------------------------------------------------------------------------- Newton–Schulz
-
-MUON_COEFFS = (3.4445, -4.7750, 2.0315)
-
-
-@functools.partial(jax.jit, static_argnames=("steps", "eps", "coeffs"))
-def newton_schulz(X: Array, steps: int = 5, eps: float = 1e-7,
-                  coeffs: tuple[float, float, float] = MUON_COEFFS) -> Array:
-    """Quintic Newton–Schulz orthogonalisation of every matrix (last two axes) of X.
-
-    X ← X·rsqrt(ΣX² + ε²) (Frobenius normalisation whose gradient is finite at X = 0; NS(0) = 0),
-    transpose tall matrices, then `steps` times A = X Xᵀ, X ← a X + (b A + c A²) X. Computed in
-    float32 at least. Odd (NS(−X) = −NS(X)) and scale-invariant up to ε."""
-    a, b, c = coeffs
-    dt = jnp.promote_types(X.dtype, jnp.float32)
-    x = X.astype(dt)
-    m, n = x.shape[-2:]
-    tall = m > n
-    if tall:
-        x = jnp.swapaxes(x, -1, -2)
-    x = x * jax.lax.rsqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True) + eps * eps)
-    for _ in range(steps):
-        A = x @ jnp.swapaxes(x, -1, -2)
-        B = b * A + c * (A @ A)
-        x = a * x + B @ x
-    if tall:
-        x = jnp.swapaxes(x, -1, -2)
-    return x.astype(X.dtype)
-
-
 # ----------------------------------------------------------------------------- feature maps
-
-
-def identity_features(x: Array) -> Array:
-    return x
-
-
-def _sym_index(d: int, i: int) -> tuple[np.ndarray, np.ndarray]:
-    """Index tuples of the degree-i monomials of d variables (squares first for i = 2, as in
-    atlas.md §2.3) and their weights sqrt(i!/Π m_j!) so that sym_i(x)·sym_i(y) = (x·y)^i."""
-    combos = sorted(itertools.combinations_with_replacement(range(d), i),
-                    key=lambda c: (len(set(c)), c))
-    w = []
-    for cmb in combos:
-        mult = np.bincount(np.asarray(cmb, int), minlength=d) if i else np.zeros(d, int)
-        w.append(math.sqrt(math.factorial(i) / np.prod([math.factorial(m) for m in mult])))
-    return np.asarray(combos, np.int32).reshape(len(combos), i), np.asarray(w)
-
-
-def poly_feature_dim(d: int, p: int) -> int:
-    """D_φ = Σ_{i=0}^{p} C(d + i − 1, i) (1 + d + d(d+1)/2 for p = 2)."""
-    return sum(math.comb(d + i - 1, i) for i in range(p + 1))
-
-
-def poly_coeffs_init(p: int) -> np.ndarray:
-    """ρ with softplus(ρ_i) = 1/i! (a_i at init: the order-p Taylor expansion of exp)."""
-    a = np.asarray([1.0 / math.factorial(i) for i in range(p + 1)])
-    return np.log(np.expm1(a))
-
-
-def poly_coeffs(rho: Array) -> Array:
-    """a_i = softplus(ρ_i) ≥ 0 (so that φ is real)."""
-    return jax.nn.softplus(rho)
-
-
-def sym_features(x: Array, i: int) -> Array:
-    """sym_i(x) [..., C(d+i−1, i)] with sym_i(x)·sym_i(y) = (x·y)^i."""
-    d = x.shape[-1]
-    if i == 0:
-        return jnp.ones(x.shape[:-1] + (1,), x.dtype)
-    if i == 1:
-        return x
-    idx, w = _sym_index(d, i)
-    mon = jnp.prod(x[..., idx], axis=-1)           # [..., n_i]
-    return mon * jnp.asarray(w, x.dtype)
 
 
 @jax.jit
 def poly_features(x: Array, a: Array) -> Array:
     """φ(x) = concat_{i=0..p} sqrt(a_i)·sym_i(x), p = len(a) − 1, so that
-    φ(q)·φ(k) = Σ_i a_i (q·k)^i (atlas.md Eqs. 4–5)."""
+    φ(q)·φ(k) = Σ_i a_i (q·k)^i (atlas.md Eqs. 4–5; the layer's per-head map puts the degree-1
+    block first, `layers.atlas.poly_features_heads`)."""
     p = a.shape[-1] - 1
     sa = jnp.sqrt(a.astype(x.dtype))
     return jnp.concatenate([sa[i] * sym_features(x, i) for i in range(p + 1)], axis=-1)
@@ -433,11 +259,6 @@ def omega_window_sum(u: Array, gamma: Array, valid: Array | None = None) -> Arra
     up = jnp.concatenate([jnp.zeros((c - 1,) + u.shape[1:], u.dtype), u], axis=0)
     G = omega_band(gamma)                                   # [T, T + c − 1]
     return jnp.tensordot(G, up, axes=(1, 0))
-
-
-def window_gates(logits: Array) -> Array:
-    """γ^{(t)} = sigmoid(x_t W_γ + b_γ) ∈ [0, 1]^c (paper-literal gates, atlas.md §2.4)."""
-    return jax.nn.sigmoid(logits)
 
 
 # ----------------------------------------------------------------------------- exponential map φ*
@@ -542,3 +363,21 @@ def dot_token_loop(q: Array, k: Array, v: Array, eta: Array, gamma: Array, *, sc
 
     _, ys = jax.lax.scan(step, jnp.zeros_like(v), idx)
     return ys
+
+
+# ----------------------------------------------------------------------------- layer probe
+
+
+@nnx.jit
+def memory_io(layer, x):
+    """q, k (features), v, gates, the memory read y [B, T, H, d] and the memory state after one
+    fresh call of a neural-memory layer on x [B, T, D] (no padding, no document starts)."""
+    Bx, Tx, _ = x.shape
+    st = layer.init_state(Bx)
+    real = jnp.ones((Bx, Tx), bool)
+    starts = jnp.zeros((Bx, Tx), bool)
+    pos = jnp.broadcast_to(jnp.arange(Tx, dtype=jnp.int32), (Bx, Tx))
+    q, k, v, _ = layer.qkv(x, st.conv, real, starts)
+    g = layer.gates(x)
+    y, mem = layer.memory(q, k, v, g, st.mem, pos, starts, real, has_resets=False)
+    return q, k, v, g, y, mem
