@@ -1,6 +1,6 @@
 """selective_scan (Mamba-1) and ssd (Mamba-2) ops: the chunked XLA forms equal the sequential
 reference, forward and gradients, at awkward lengths, with initial state and document resets,
-under extreme decays; the dispatcher's Pallas slot falls back with one warning."""
+under extreme decays. (The dispatcher's rejection of a missing kernel is tests/test_impl.py.)"""
 
 import jax
 import jax.numpy as jnp
