@@ -93,8 +93,7 @@ def logits_and_grads(name, key=()):
 
 
 def close(a, b, spec, what):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=spec.atol, rtol=spec.rtol,
-                               err_msg=what)
+    assert_close(a, b, atol=spec.atol, rtol=spec.rtol, what=what)
 
 
 @pytest.mark.parametrize("name", NAMES)

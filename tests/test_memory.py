@@ -17,6 +17,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from asserts import assert_close
 from flax import nnx
 
 from layers.memory import NeuralMemory, NeuralMemoryConfig, _MLPMemory, l2_signal, linear_memory
@@ -124,9 +125,8 @@ def test_forms_equal_the_anchored_rule(memory, b, c, inside):
         np.testing.assert_allclose(y_r, want, rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(y_c, want, rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(y_m, want, rtol=1e-10, atol=1e-10)
-        for a, z, m in zip(jax.tree.leaves(s_c), jax.tree.leaves(s_r), jax.tree.leaves(s_m)):
-            np.testing.assert_allclose(a, z, rtol=1e-10, atol=1e-10)
-            np.testing.assert_allclose(m, z, rtol=1e-10, atol=1e-10)
+        assert_close(s_c, s_r, rtol=1e-10, atol=1e-10, what="chunked state")
+        assert_close(s_m, s_r, rtol=1e-10, atol=1e-10, what="materialised state")
 
 
 def test_chunk_one_is_the_plain_token_rule():
@@ -173,9 +173,8 @@ def test_chunked_gradients_equal_reference(form):
 
         g_r = jax.jit(jax.grad(lambda *a: loss("reference", *a), argnums=(0, 1, 2)))(outer, W0, inp)
         g_c = jax.jit(jax.grad(lambda *a: loss(form, *a), argnums=(0, 1, 2)))(outer, W0, inp)
-        for a, z in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_r)):
-            assert np.all(np.isfinite(a))
-            np.testing.assert_allclose(a, z, rtol=1e-9, atol=1e-9)
+        assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(g_c))
+        assert_close(g_c, g_r, rtol=1e-9, atol=1e-9, what="gradients")
 
 
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
@@ -200,8 +199,7 @@ def test_split_anywhere_padding_and_resets(impl):
             np.testing.assert_allclose(y1[r, :c], y[r, :c], rtol=1e-10, atol=1e-10)
             np.testing.assert_allclose(y1[r, c:], 0.0)
             np.testing.assert_allclose(y2[r, :T - c], y[r, c:], rtol=1e-10, atol=1e-10)
-        for a, z in zip(jax.tree.leaves(s2), jax.tree.leaves(s)):
-            np.testing.assert_allclose(a, z, rtol=1e-10, atol=1e-10)
+        assert_close(s2, s, rtol=1e-10, atol=1e-10, what="state after the split")
         # packed documents [0, a) | [a, T)
         a = 6
         reset = jnp.asarray(np.broadcast_to(t == a, (B, T)))
@@ -248,8 +246,7 @@ def test_layer_forms_agree_with_resets_and_padding():
     layer.cfg = dataclasses.replace(cfg, impl="reference")
     y_r, s_r, _ = layer(x, mask=mask, segment_ids=seg)
     np.testing.assert_allclose(y_c, y_r, rtol=1e-5, atol=1e-6)
-    for a, z in zip(jax.tree.leaves(s_c), jax.tree.leaves(s_r)):
-        np.testing.assert_allclose(a, z, rtol=1e-5, atol=1e-6)
+    assert_close(s_c, s_r, rtol=1e-5, atol=1e-6, what="state")
     assert float(jnp.max(jnp.abs(y_c))) > 1e-3
 
 
