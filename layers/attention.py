@@ -100,10 +100,11 @@ def cached_keys(state: KVCache, k, v, pos, doc, mask, fresh: bool):
 
 def attention_mixer_flops(dim: int, n_heads: int, n_kv_heads: int, head_dim: int,
                           keys: int) -> float:
-    """Forward FLOPs per token of `Attention` (2 per multiply-add; the convention of `zoo.lm`):
-    the q, k, v projections [dim, (H + 2 Hkv) dh], the scores q.k and the weighted sum of values
-    over `keys` keys per query for each of the H query heads, and the output projection
-    [H dh, dim]. RoPE, masks, softmax, dropout and biases are elementwise: not counted."""
+    """Forward FLOPs per token of `Attention` (specs/transformer.md §2.2; 2 per multiply-add, the
+    convention of `zoo.lm`): the q, k, v projections [dim, (H + 2 Hkv) dh], the scores q.k and
+    the weighted sum of values over `keys` keys per query for each of the H query heads, and the
+    output projection [H dh, dim]. RoPE, masks, softmax, dropout and biases are elementwise: not
+    counted."""
     H, Hkv, dh = n_heads, n_kv_heads, head_dim
     projections = 2.0 * dim * (H + 2 * Hkv) * dh + 2.0 * H * dh * dim
     return projections + 2.0 * H * keys * (dh + dh)

@@ -129,6 +129,43 @@ def solve(lhs: Array, rhs: Array) -> Array:
     return x - inv @ ((lhs - jax.lax.stop_gradient(lhs)) @ jax.lax.stop_gradient(x))
 
 
+def solve_flops(n: int, n_rhs: int, backward: bool = True) -> float:
+    """Training FLOPs (forward and backward) of one `solve` of an [n, n] lhs against n_rhs
+    right-hand sides, 2 per multiply-add. Not 3 x a forward count: the elimination runs once,
+    outside the backward pass. Gauss-Jordan on [lhs | I] is n rank-1 updates of an [n, 2n]
+    matrix (4 n^3); the forward does three [n, n] x [n, n_rhs] products (the solution
+    lhs^{-1} rhs and the derivative term's lhs^{-1} ((lhs - lhs) x)), the backward one transpose
+    product for each (`backward`: whether the solve's inputs receive gradients)."""
+    products = (6 if backward else 3) * 2.0 * n * n * n_rhs
+    return 4.0 * n ** 3 + products
+
+
+def lu_solve_flops(n: int, n_rhs: int) -> float:
+    """Forward FLOPs of `jnp.linalg.solve`: the LU factorisation (2 n^3 / 3) and the two
+    triangular solves per right-hand side (2 n^2)."""
+    return 2.0 * n ** 3 / 3 + 2.0 * n * n * n_rhs
+
+
+def discretize_flops(n: int, n_steps: int, method: str = "bilinear",
+                     backward: bool = True) -> float:
+    """Training FLOPs of `discretize` (§2.2) for `n_steps` step sizes of an [n, n] A (`backward`:
+    whether A or dt receive gradients). bilinear (`gbt`): one `solve_flops` of (I - a dt A)
+    against [I + (1-a) dt A | dt B] per step size, n + 1 right-hand sides; dt A and the
+    identities are elementwise. zoh, 3 x (1 without `backward`) its forward products: `expm` as
+    jax runs it batched over the step sizes (a batched switch / cond evaluates every branch):
+    the Pade 3, 5 and 7 numerators (2 + 3 + 4 [n, n] products), their LU solve and all 16
+    squarings, then the (expm - I) B product and the LU solve of A against it (not checked
+    against XLA: jax's expm squares inside its own loop, which tests/test_flops.py cannot
+    unroll, and the cost analysis does not see LAPACK's LU)."""
+    if method == "bilinear":
+        return n_steps * solve_flops(n, n + 1, backward)
+    if method == "zoh":
+        forward = ((9 + 16) * 2.0 * n ** 3 + lu_solve_flops(n, n) + 2.0 * n * n
+                   + lu_solve_flops(n, 1))
+        return (3.0 if backward else 1.0) * n_steps * forward
+    raise ValueError(f"discretization must be 'bilinear' or 'zoh', got {method!r}")
+
+
 @functools.partial(jax.jit, static_argnames=("alpha",))
 def gbt(A: Array, Bv: Array, dt: Array, alpha: float = 0.5) -> tuple[Array, Array]:
     """Generalised bilinear transform (§2.2) for every step size dt [H]:
@@ -188,6 +225,32 @@ def lssl_ssm(p: dict[str, Array], u: Array, s: Array, mask: Array, reset: Array,
     Abar, Bbar = discretize(A, tp["b"], dt, discretization)
     return lssl(u, Abar, Bbar, p["C"], p["D"], h0=s, mask=mask, reset=reset, impl=impl,
                 block=block)
+
+
+def lssl_state_flops(dim: int, d_state: int) -> float:
+    """Forward FLOPs per token of the reference recurrence's state update
+    x_k = Abar x_{k-1} + Bbar u_k: N + 1 multiply-adds for each of the H N state elements."""
+    return 2.0 * dim * d_state * (d_state + 1)
+
+
+def lssl_mixer_flops(dim: int, d_state: int, channels: int) -> float:
+    """Forward FLOPs per token of `LSSLMixer` (§3.1) running the reference recurrence (§4), 2 per
+    multiply-add: the state update (`lssl_state_flops`), the read-out C x_k ([N] -> [M] per
+    feature) and the output linear [H M, H]. The D skip (a per-channel scale), GELU, dropout and
+    the bias are elementwise: not counted. What a call does once is `lssl_call_flops`."""
+    H, N, M = dim, d_state, channels
+    return lssl_state_flops(H, N) + 2.0 * H * M * N + 2.0 * H * M * H
+
+
+def lssl_call_flops(dim: int, d_state: int, discretization: str = "bilinear",
+                    learn_A: bool = True, learn_dt: bool = True) -> float:
+    """Training FLOPs of what one `LSSLMixer` call does once, whatever its batch and length:
+    the structured A's (§2.7) T^{-1} = solve(T, I) (`solve_flops`; differentiated when
+    `learn_A`) and the discretisation at the H step sizes (`discretize_flops`; differentiated
+    when A or dt is learned). The diagonal scalings of `structured_A` are elementwise."""
+    N = d_state
+    return (solve_flops(N, N, backward=learn_A)
+            + discretize_flops(N, dim, discretization, backward=learn_A or learn_dt))
 
 
 class LSSLMixer(nnx.Module):

@@ -20,6 +20,19 @@ def llama_ffn_dim(dim: int, multiple_of: int = 256, multiplier: float | None = N
     return multiple_of * math.ceil(h / multiple_of)
 
 
+def swiglu_flops(dim: int, hidden: int) -> float:
+    """Forward FLOPs per token of `SwiGLU` (specs/transformer.md §2.3): the three [dim, hidden]
+    products W1, W3, W2 (2 per multiply-add); the SiLU and the gating product are elementwise:
+    not counted."""
+    return 3 * 2.0 * dim * hidden
+
+
+def gelu_mlp_flops(dim: int, hidden: int) -> float:
+    """Forward FLOPs per token of `GeluMLP`: the two [dim, hidden] products fc1, fc2 (2 per
+    multiply-add); GELU, biases and dropout are elementwise: not counted."""
+    return 2 * 2.0 * dim * hidden
+
+
 class SwiGLU(nnx.Module):
     """W2(silu(W1 x) * W3 x), no biases."""
 

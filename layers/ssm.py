@@ -117,6 +117,26 @@ def mamba_mixer(p: dict[str, Array], u: Array, state: SSMState, mask: Array, sta
     return out, SSMState(conv=conv_state, ssm=h, pos=state.pos)
 
 
+def selective_state_flops(d_inner: int, d_state: int) -> float:
+    """Forward FLOPs per token of the reference selective scan / SSD recurrence (specs/mamba.md
+    §2.4, §9) over d_inner x d_state state elements (Mamba-1 [Di, N]; Mamba-2 [H, P, N] with
+    H P = Di): the state update h = exp(dt A) h + (dt x) B, a product and a multiply-add per
+    element (3), and the read C.h, a multiply-add per element (2). The decay exp(dt A) and dt x
+    are elementwise."""
+    return 5.0 * d_inner * d_state
+
+
+def mamba_mixer_flops(dim: int, d_inner: int, d_state: int, dt_rank: int, d_conv: int) -> float:
+    """Forward FLOPs per token of `mamba_mixer` (specs/mamba.md §3.1; 2 per multiply-add):
+    in_proj [D, 2Di], the depthwise conv (d_conv multiply-adds per channel), x_proj
+    [Di, R + 2N], dt_proj [R, Di], the selective scan (`selective_state_flops`) and out_proj
+    [Di, D]. Biases, softplus, SiLU, the D skip (a per-channel scale) and the gate are
+    elementwise: not counted."""
+    D, Di, N, R, K = dim, d_inner, d_state, dt_rank, d_conv
+    return (2.0 * D * 2 * Di + 2.0 * Di * K + 2.0 * Di * (R + 2 * N) + 2.0 * R * Di
+            + selective_state_flops(Di, N) + 2.0 * Di * D)
+
+
 class MambaMixer(SelectiveSSMMixer):
     """Mamba-1 mixer with the reference initialisation (specs/mamba.md §5.1); `impl` and `block`
     choose the `selective_scan` op's form and block size (neither changes the function)."""
@@ -199,6 +219,18 @@ def mamba2_mixer(p: dict[str, Array], u: Array, state: SSMState, mask: Array, st
                        group_size=Di // G).astype(u.dtype)
     out = jnp.einsum("bte,ed->btd", y, p["out_proj"].astype(y.dtype))
     return out, SSMState(conv=conv_state, ssm=h, pos=state.pos)
+
+
+def mamba2_mixer_flops(dim: int, d_inner: int, n_heads: int, n_groups: int, d_state: int,
+                       d_conv: int) -> float:
+    """Forward FLOPs per token of `mamba2_mixer` (specs/mamba.md §9; 2 per multiply-add): in_proj
+    [D, 2Di + 2GN + H], the depthwise conv over the Di + 2GN xBC channels (d_conv multiply-adds
+    each), the SSD recurrence (`selective_state_flops` over the H x P x N = Di x N state; the
+    groups' B, C are shared, not recomputed) and out_proj [Di, D]. Biases, softplus, SiLU, the
+    D skip and the gated RMSNorm are elementwise: not counted."""
+    D, Di, H, G, N, K = dim, d_inner, n_heads, n_groups, d_state, d_conv
+    return (2.0 * D * (2 * Di + 2 * G * N + H) + 2.0 * (Di + 2 * G * N) * K
+            + selective_state_flops(Di, N) + 2.0 * Di * D)
 
 
 class Mamba2Mixer(SelectiveSSMMixer):

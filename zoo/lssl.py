@@ -24,10 +24,10 @@ from flax import nnx
 from layers.common import dropout, fold, real_mask
 from layers.embed import Embed
 from layers.linear import Dense
-from layers.lssl import LSSLMixer
+from layers.lssl import LSSLMixer, lssl_call_flops, lssl_mixer_flops, lssl_state_flops
 from layers.norms import LayerNorm
 from pallas_kernels.impl import check, check_block
-from zoo.lm import CausalLM, build_lm, lm_param_count
+from zoo.lm import TRAIN_FACTOR, CausalLM, build_lm, dense_flops, lm_flops, lm_param_count
 from zoo.registry import ConformanceSpec, register
 
 Array = jax.Array
@@ -127,15 +127,51 @@ def lssl_classifier_param_count(cfg: LSSLConfig) -> int:
     return enc + cfg.n_layers * (_mixer_params(cfg) + 2 * H) + final + H * cfg.n_classes + cfg.n_classes
 
 
+def _blocks_flops(cfg: LSSLConfig, seq_len: int) -> tuple[float, float]:
+    """(forward FLOPs per token of the blocks, the training FLOPs per token outside the 3 x
+    forward convention: the per-call work amortised over one sequence of `seq_len`, less, for
+    a frozen transition (LSSL-f), the state update's weight-gradient product the backward
+    does not do)."""
+    mixer = lssl_mixer_flops(cfg.dim, cfg.d_state, cfg.channels)
+    call = lssl_call_flops(cfg.dim, cfg.d_state, cfg.discretization, cfg.learn_A, cfg.learn_dt)
+    frozen = 0.0 if cfg.learn_A or cfg.learn_dt else lssl_state_flops(cfg.dim, cfg.d_state)
+    return cfg.n_layers * mixer, cfg.n_layers * (call / seq_len - frozen)
+
+
+def lssl_flops(cfg: LSSLConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 3 x (L [2HN(N+1) + 2HMN + 2HMH] + 2HV) + L x the per-call
+    discretisation / seq_len (`lssl_call_flops`; bilinear, learned: 4N^3 + 12N^3 + H (4N^3
+    + 12N^2(N+1)), its elimination not differentiated). The per-call part is counted once per
+    sequence: exact at batch 1, an overcount of (B - 1) / B of it at batch B."""
+    blocks, other = _blocks_flops(cfg, seq_len)
+    return lm_flops(blocks, vocab_size=cfg.vocab_size, dim=cfg.dim) + other
+
+
+def lssl_classifier_flops(cfg: LSSLConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 3 x (the LM's blocks + the pooled read-out 2 H n_classes /
+    seq_len) + 2 x the Linear encoder's 2 d_input H (its input needs no gradient; an embedding
+    is free) + the LM's per-call part; the mean pooling and the LayerNorms are elementwise."""
+    blocks, other = _blocks_flops(cfg, seq_len)
+    enc = dense_flops(cfg.d_input, cfg.dim) if cfg.d_input > 0 else 0.0
+    head = dense_flops(cfg.dim, cfg.n_classes) / seq_len
+    return TRAIN_FACTOR * (blocks + head) + (TRAIN_FACTOR - 1) * enc + other
+
+
 _TINY = LSSLConfig(vocab_size=37, dim=8, n_layers=2, d_state=6, channels=2, dt_min=0.05,
                    dt_max=0.5, init_std=0.5, n_classes=5)
+# The FLOP check's config (tests/test_flops.py): one wider layer. With every loop unrolled, XLA's
+# cost analysis charges the exact GELU's fused backward again in each step's slice of the
+# recurrence (elementwise work growing as T^2 H M), several times the products at dim 8; at
+# dim 512 the products dominate, and the per-call discretisation (counted once per sequence,
+# so twice at the check's batch 2) stays a few percent.
+_FLOPS = dataclasses.replace(_TINY, dim=512, n_layers=1, impl="reference")
 
 
-@register("lssl", config=LSSLConfig, param_count=lssl_param_count,
+@register("lssl", config=LSSLConfig, param_count=lssl_param_count, flops=lssl_flops,
           conformance=ConformanceSpec(
               config=_TINY, length=13, cuts=(1, 4, 5, 12),
               reference={"impl": "reference"},
-              fast=({"impl": "chunked", "block": 4},)))
+              fast=({"impl": "chunked", "block": 4},), flops_config=_FLOPS))
 def build_lssl(cfg: LSSLConfig, rngs: nnx.Rngs) -> CausalLM:
     cfg.validate()
     return build_lm(lambda: _blocks(cfg, rngs), vocab_size=cfg.vocab_size, dim=cfg.dim,
@@ -178,11 +214,11 @@ class LSSLClassifier(nnx.Module):
 
 
 @register("lssl_classifier", config=LSSLConfig, causal=False, resets=False,
-          param_count=lssl_classifier_param_count,
+          param_count=lssl_classifier_param_count, flops=lssl_classifier_flops,
           conformance=ConformanceSpec(
               config=dataclasses.replace(_TINY, n_layers=1), length=13, decode=False,
               reference={"impl": "reference"},
-              fast=({"impl": "chunked", "block": 4},)))
+              fast=({"impl": "chunked", "block": 4},), flops_config=_FLOPS))
 def build_lssl_classifier(cfg: LSSLConfig, rngs: nnx.Rngs) -> LSSLClassifier:
     cfg.validate()
     return LSSLClassifier(cfg, rngs)

@@ -20,10 +20,10 @@ import numpy as np
 from flax import nnx
 
 from layers.norms import RMSNorm
-from layers.ssm import Mamba2Mixer, MambaMixer
+from layers.ssm import Mamba2Mixer, MambaMixer, mamba2_mixer_flops, mamba_mixer_flops
 from pallas_kernels.impl import check, check_block
 from zoo import hf as _hf
-from zoo.lm import Block, CausalLM, build_lm, lm_param_count
+from zoo.lm import Block, CausalLM, build_lm, lm_flops, lm_param_count
 from zoo.registry import ConformanceSpec, register
 
 
@@ -149,13 +149,35 @@ def mamba2_param_count(cfg: Mamba2Config) -> int:
                           tie_embeddings=cfg.tie_embeddings)
 
 
-@register("mamba", config=MambaConfig, param_count=mamba_param_count,
+# The FLOP check's configs (`flops_config`) are wider than the conformance ones: with every loop
+# unrolled, XLA's cost analysis charges the causal conv's fused producer again in each step's
+# slice of the scan inputs (elementwise work growing as T^2 Di K), which at dim 16 is several
+# times the products; at dim 256 (Mamba-1) / 512 (Mamba-2) the products dominate.
+
+def mamba_flops(cfg: MambaConfig, seq_len: int) -> float:
+    """Training FLOPs per token (`zoo.lm`'s convention): 3 x (L [4 D Di + 2 Di K + 2 Di (R + 2N)
+    + 2 R Di + 5 Di N + 2 Di D] + 2 D V), the mixer's count being `mamba_mixer_flops`."""
+    mixer = mamba_mixer_flops(cfg.dim, cfg.di, cfg.d_state, cfg.rank, cfg.d_conv)
+    return lm_flops(cfg.n_layers * mixer, vocab_size=cfg.vocab_size, dim=cfg.dim)
+
+
+def mamba2_flops(cfg: Mamba2Config, seq_len: int) -> float:
+    """Training FLOPs per token (`zoo.lm`'s convention): 3 x (L [2 D (2Di + 2GN + H)
+    + 2 (Di + 2GN) K + 5 Di N + 2 Di D] + 2 D V), the mixer's count being `mamba2_mixer_flops`."""
+    mixer = mamba2_mixer_flops(cfg.dim, cfg.di, cfg.n_heads, cfg.n_groups, cfg.d_state,
+                               cfg.d_conv)
+    return lm_flops(cfg.n_layers * mixer, vocab_size=cfg.vocab_size, dim=cfg.dim)
+
+
+@register("mamba", config=MambaConfig, param_count=mamba_param_count, flops=mamba_flops,
           conformance=ConformanceSpec(
               config=MambaConfig(vocab_size=37, dim=16, n_layers=2, d_state=4, block=4,
                                  init_std=0.5, dt_min=0.05, dt_max=0.5, impl="reference"),
               length=13, cuts=(1, 3, 4, 8, 12),
               reference={"impl": "reference"},
-              fast=({"impl": "chunked", "block": 4},)))
+              fast=({"impl": "chunked", "block": 4},),
+              flops_config=MambaConfig(vocab_size=37, dim=256, n_layers=1, d_state=4,
+                                       impl="reference")))
 def build_mamba(cfg: MambaConfig, rngs: nnx.Rngs) -> CausalLM:
     cfg.validate()
     mixers = [MambaMixer(cfg.dim, rngs=rngs, d_inner=cfg.di, d_state=cfg.d_state,
@@ -169,13 +191,16 @@ def build_mamba(cfg: MambaConfig, rngs: nnx.Rngs) -> CausalLM:
 
 
 @register("mamba2", config=Mamba2Config, param_count=mamba2_param_count,
+          flops=mamba2_flops,
           conformance=ConformanceSpec(
               config=Mamba2Config(vocab_size=37, dim=16, n_layers=2, d_state=4, head_dim=8,
                                   n_groups=2, block=4, init_std=0.5, dt_min=0.05,
                                   dt_max=0.5, impl="reference"),
               length=13, cuts=(1, 3, 4, 8, 12),
               reference={"impl": "reference"},
-              fast=({"impl": "chunked", "block": 4},)))
+              fast=({"impl": "chunked", "block": 4},),
+              flops_config=Mamba2Config(vocab_size=37, dim=512, n_layers=1, d_state=4,
+                                        head_dim=64, n_groups=2, impl="reference")))
 def build_mamba2(cfg: Mamba2Config, rngs: nnx.Rngs) -> CausalLM:
     cfg.validate()
     mixers = [Mamba2Mixer(cfg.dim, rngs=rngs, d_inner=cfg.di, head_dim=cfg.head_dim,

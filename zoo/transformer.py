@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 from flax import nnx
 
-from layers.attention import Attention
-from layers.mlp import GeluMLP, SwiGLU, llama_ffn_dim
+from layers.attention import Attention, attention_mixer_flops
+from layers.mlp import GeluMLP, SwiGLU, gelu_mlp_flops, llama_ffn_dim, swiglu_flops
 from layers.norms import make_norm
 from pallas_kernels.impl import check, check_block
-from zoo.lm import Block, CausalLM, build_lm, lm_param_count
+from zoo.lm import Block, CausalLM, build_lm, causal_keys, lm_flops, lm_param_count
 from zoo.registry import ConformanceSpec, register
 
 
@@ -132,8 +132,20 @@ def transformer_param_count(cfg: TransformerConfig) -> int:
                           learned_positions=transformer_max_len(cfg))
 
 
+def transformer_flops(cfg: TransformerConfig, seq_len: int) -> float:
+    """Training FLOPs per token (the convention of `zoo.lm`): 3 x (sum over layers l of
+    [2D(H + 2Hkv)dh + 2 H dh D + 4 H dh keys_l + {swiglu 3, gelu 2, none 0} x 2 D F] + 2 D V),
+    keys_l = seq_len, or window + 1 on a windowed layer (the reference attention computes every
+    key and masks them, so XLA sees seq_len keys there)."""
+    ffn = {"swiglu": swiglu_flops, "gelu": gelu_mlp_flops, "none": lambda d, f: 0.0}[cfg.ffn]
+    blocks = [attention_mixer_flops(cfg.dim, cfg.n_heads, cfg.kv, cfg.hd,
+                                    causal_keys(seq_len, cfg.layer_window(i)))
+              + ffn(cfg.dim, cfg.d_ff) for i in range(cfg.n_layers)]
+    return lm_flops(blocks, vocab_size=cfg.vocab_size, dim=cfg.dim)
+
+
 @register("transformer", config=TransformerConfig, max_len=transformer_max_len,
-          param_count=transformer_param_count,
+          param_count=transformer_param_count, flops=transformer_flops,
           conformance=ConformanceSpec(
               config=TransformerConfig(vocab_size=37, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                                        window=6, window_layers="odd", max_len=64, init_std=0.1),
