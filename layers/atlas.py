@@ -33,7 +33,14 @@ from flax import nnx
 
 from layers.common import param
 from layers.linear import Dense
-from layers.memory import NeuralMemory, NeuralMemoryConfig, neural_memory_param_count, signal_of
+from layers.memory import (
+    NeuralMemory,
+    NeuralMemoryConfig,
+    memory_shapes,
+    neural_memory_flops,
+    neural_memory_param_count,
+    signal_of,
+)
 
 Array = jax.Array
 
@@ -65,6 +72,15 @@ def newton_schulz(X: Array, steps: int = 5, eps: float = 1e-7,
     if tall:
         x = jnp.swapaxes(x, -1, -2)
     return x.astype(X.dtype)
+
+
+def newton_schulz_flops(m: int, n: int, steps: int = 5) -> float:
+    """Forward FLOPs of `newton_schulz` on one [m, n] matrix (2 per multiply-add): with
+    a = min(m, n), b = max(m, n), each step's three products A = X Xᵀ (2a²b), A·A (2a³) and
+    B·X (2a²b). The Frobenius normalisation and the steps' linear combinations are elementwise:
+    not counted."""
+    a, b = min(m, n), max(m, n)
+    return steps * (4.0 * a * a * b + 2.0 * a ** 3)
 
 
 @dataclass(frozen=True)
@@ -106,6 +122,13 @@ def sym_features(x: Array, i: int) -> Array:
 def poly_feature_dim(d: int, p: int) -> int:
     """D_φ = Σ_{i=0}^{p} C(d + i − 1, i) (1 + d + d(d+1)/2 for p = 2)."""
     return sum(math.comb(d + i - 1, i) for i in range(p + 1))
+
+
+def poly_features_flops(d: int, p: int) -> float:
+    """Forward FLOPs of `poly_features_heads` on one head's vector: each degree-i block
+    (C(d+i−1, i) features) is scaled by √a_i (1 per feature) and, for i ≥ 2, each monomial is
+    a product of i coordinates (i − 1) times its weight (1)."""
+    return sum(math.comb(d + i - 1, i) * (1 + (i if i >= 2 else 0)) for i in range(p + 1))
 
 
 def poly_coeffs_init(p: int) -> np.ndarray:
@@ -227,3 +250,26 @@ class AtlasMemory(NeuralMemory):
         if poly_degree is not None:
             n += mc.n_heads * (poly_degree + 1)
         return n
+
+    @staticmethod
+    def flops(cfg: NeuralMemoryConfig, *, ns_steps: int = 5, poly_degree: int | None = 2,
+              window_gates: str = "window", gamma_bias: float = 2.2) -> float:
+        """Forward FLOPs per token of `AtlasMemory(cfg, ...)` (`neural_memory_flops` with
+        ATLAS's parts): the Omega window's c sources per token (through `cfg.window`; with the
+        polynomial features every memory layer reading the keys is D_φ wide), Newton–Schulz on
+        every weight matrix of the momentum (Atlas: momentum and ns_steps > 0;
+        `newton_schulz_flops` per head), the polynomial map on q and k (`poly_features_flops`
+        per head and vector) and the γ gate projection [D, H c] ([D, H] for keep gates)."""
+        del gamma_bias
+        mc = atlas_memory_config(cfg, ns_steps=ns_steps, poly_degree=poly_degree,
+                                 window_gates=window_gates)
+        transform = 0.0
+        if mc.momentum and ns_steps > 0:
+            transform = sum(newton_schulz_flops(m, n, ns_steps)
+                            for m, n in memory_shapes(mc).values())
+        features = 0.0 if poly_degree is None else (
+            2 * mc.n_heads * poly_features_flops(mc.hd, poly_degree))
+        gates = 0.0
+        if mc.window > 1 or window_gates == "keep":
+            gates = 2.0 * mc.dim * mc.n_heads * (1 if window_gates == "keep" else mc.window)
+        return neural_memory_flops(mc, transform=transform, features=features, gates=gates)

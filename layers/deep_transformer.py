@@ -23,6 +23,18 @@ from pallas_kernels.attention import attention as attention_op
 Array = jax.Array
 
 
+def deep_transformer_mixer_flops(dim: int, n_heads: int, keys: int, rate_gate: bool = True) -> float:
+    """Forward FLOPs per token of `DeepTransformerMixer` (2 per multiply-add; the convention of
+    `zoo.lm`): the q, k, v projections [D, H d], W_o [H d, D], the rate gate [D, H] (when on;
+    its bias and log-sigmoid are elementwise) and, for each of the H heads over `keys` keys per
+    query, the scores on the augmented d + 1 channels (q·k and the rate channel) and the
+    weighted sum of the values as the op gets them, padded to d + 1 channels. RoPE, the softmax
+    and the masks are elementwise."""
+    H, d = n_heads, dim // n_heads
+    projections = 4 * 2.0 * dim * H * d + (2.0 * dim * H if rate_gate else 0.0)
+    return projections + 2.0 * H * keys * (2 * (d + 1))
+
+
 class DeepTransformerMixer(nnx.Module):
     """Normalised read of M_t = Σ_{i≤t} η_i v_i φ*(k_i)ᵀ at φ*(q_t) (atlas.md §2.7, §8.10):
     y_t = Σ_i η_i exp(s q_t·k_i) v_i / Σ_i η_i exp(s q_t·k_i) over the window, computed by the

@@ -30,7 +30,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.common import param
-from layers.memory import NeuralMemory, NeuralMemoryConfig, memory_shapes, neural_memory_param_count
+from layers.memory import (
+    NeuralMemory,
+    NeuralMemoryConfig,
+    memory_shapes,
+    memory_weight_count,
+    neural_memory_flops,
+    neural_memory_param_count,
+)
 
 Array = jax.Array
 
@@ -169,6 +176,21 @@ class SoftmaxLink:
         return {k: memora_weights(z, outer["memora_scale"][k]) for k, z in Z.items()}
 
 
+def q_norm_link_flops(cfg: NeuralMemoryConfig, q: float) -> float:
+    """FLOPs of one `QNormLink` application to one head's weights, one per arithmetic op (a
+    power counted as one): per weight |A| and its q-th power, their sum and the scaling of A
+    by ‖A‖_q^{−(q−2)} (4; the power of each matrix's sum is per matrix); q = 2: the identity
+    (0). The zero guards (compare, select) are not arithmetic: not counted."""
+    return 0.0 if q == 2 else 4.0 * memory_weight_count(cfg)
+
+
+def softmax_link_flops(cfg: NeuralMemoryConfig) -> float:
+    """FLOPs of one `SoftmaxLink` application to one head's weights, one per arithmetic op (an
+    exponential counted as one): per weight the softmax over the input axis (the max, the
+    subtraction, exp, the sum and the division) and the scale c (6)."""
+    return 6.0 * memory_weight_count(cfg)
+
+
 # ----------------------------------------------------------------------------- the layers
 
 
@@ -194,6 +216,13 @@ class MonetaMemory(NeuralMemory):
     def param_count(cfg: NeuralMemoryConfig, **args) -> int:
         """Parameters of `MonetaMemory(cfg, **args)`: its parts own none."""
         return neural_memory_param_count(cfg)
+
+    @staticmethod
+    def flops(cfg: NeuralMemoryConfig, *, q: float = 4.0, **args) -> float:
+        """Forward FLOPs per token of `MonetaMemory(cfg, q=..., **args)`: `neural_memory_flops`
+        with the q-norm link (`q_norm_link_flops`) at both links per step; the ℓp signal is
+        elementwise."""
+        return neural_memory_flops(cfg, link=q_norm_link_flops(cfg, q))
 
 
 class YaadMemory(NeuralMemory):
@@ -235,6 +264,15 @@ class YaadMemory(NeuralMemory):
         nd = cfg.n_heads * (cfg.hd if huber == "coord" else 1)
         return neural_memory_param_count(cfg) + cfg.dim * gate_rank + gate_rank * nd + nd
 
+    @staticmethod
+    def flops(cfg: NeuralMemoryConfig, *, huber: str = "coord", gate_rank: int = 32,
+              **args) -> float:
+        """Forward FLOPs per token of `YaadMemory(cfg, huber=..., gate_rank=..., **args)`:
+        `neural_memory_flops` plus the low-rank δ gate's products x A [D, r] and tanh(·) B
+        [r, H d] ([r, H] for the norm flavour); the Huber signal is elementwise."""
+        nd = cfg.n_heads * (cfg.hd if huber == "coord" else 1)
+        return neural_memory_flops(cfg, gates=2.0 * cfg.dim * gate_rank + 2.0 * gate_rank * nd)
+
 
 class MemoraMemory(NeuralMemory):
     """Memora: ℓ2 bias + KL retention (softmax link of the carried logits, scales c per weight
@@ -264,3 +302,9 @@ class MemoraMemory(NeuralMemory):
     def param_count(cfg: NeuralMemoryConfig) -> int:
         """Parameters of `MemoraMemory(cfg)`: the shared layer's and one scale per matrix."""
         return neural_memory_param_count(cfg) + cfg.n_heads * len(memory_shapes(cfg))
+
+    @staticmethod
+    def flops(cfg: NeuralMemoryConfig) -> float:
+        """Forward FLOPs per token of `MemoraMemory(cfg)`: `neural_memory_flops` with the
+        softmax link (`softmax_link_flops`) at both links per step."""
+        return neural_memory_flops(cfg, link=softmax_link_flops(cfg))

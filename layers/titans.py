@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.attention import Attention
+from layers.attention import Attention, attention_mixer_flops
 from layers.common import doc_starts, normal, param, real_mask, token_positions
 from layers.linear import Dense
 from layers.memory import NeuralMemoryLayerState
@@ -51,6 +51,59 @@ def _persistent(n_persistent: int, dim: int, rngs: nnx.Rngs, std: float) -> nnx.
 def gate_combine(y, m, w_y, w_m, eps):
     """RMSNorm_y(y) * sigmoid(RMSNorm_m(m)) (titans.md §8 item 8)."""
     return rms_norm(y, w_y, eps) * jax.nn.sigmoid(rms_norm(m, w_m, eps))
+
+
+# ----------------------------------------------------------------------------- FLOPs
+# Forward FLOPs per token of the hosts in the convention of `zoo.lm` (2 per multiply-add; norms,
+# gates, RoPE, softmax and masks are elementwise), around a memory whose own forward FLOPs per
+# token (`memory`, e.g. `layers.memory.neural_memory_flops`) the caller supplies.
+
+
+def prefixed_memory_flops(memory: float, *, n_persistent: int, seq_len: int) -> float:
+    """Forward FLOPs per token of `PrefixedMemory` on a sequence of `seq_len` tokens: the
+    memory on every token, plus its write of the N_p persistent tokens that every call does
+    (`init_state`), counted once per sequence: (1 + N_p / seq_len) × memory."""
+    return memory * (1.0 + n_persistent / seq_len)
+
+
+def mag_mixer_flops(memory: float, *, dim: int, n_heads: int, keys: int, n_persistent: int,
+                    seq_len: int) -> float:
+    """Forward FLOPs per token of `MAGMixer` (titans.md §3.5): the prefixed memory
+    (`prefixed_memory_flops`), the attention (`attention_mixer_flops` with `keys` keys per
+    query, the persistent ones included), the persistent keys and values W_k P, W_v P that a
+    call computes once (counted once per sequence) and W_o."""
+    D, Np = dim, n_persistent
+    attn = attention_mixer_flops(D, n_heads, n_heads, D // n_heads, keys)
+    return (prefixed_memory_flops(memory, n_persistent=Np, seq_len=seq_len) + attn
+            + 2 * 2.0 * Np * D * D / seq_len + 2.0 * D * D)
+
+
+def mac_pieces(seq_len: int, segment: int) -> int:
+    """Segment pieces the MAC forward scans over for a call of `seq_len` tokens
+    (`MACMixer.__call__` without packed resets: a call may start mid-segment, so one piece more
+    than whole segments unless every token is its own piece); each piece is padded to C."""
+    C = segment
+    return min(seq_len, -(-(seq_len + C - 1) // C))
+
+
+def mac_mixer_flops(memory: float, retrieval: float, *, dim: int, n_heads: int, segment: int,
+                    n_persistent: int, retrieval_dim: int, seq_len: int) -> float:
+    """Forward FLOPs per token of `MACMixer` (titans.md §3.4) on a call of `seq_len` tokens, as
+    the implementation pads it: `mac_pieces` pieces of C = `segment` tokens (padding included),
+    each doing per token the retrieval (`retrieval`: the memory's query path and a read without
+    write; `layers.memory.memory_qkv_flops` + `memory_read_flops`), W_h [retrieval_dim, D], the
+    attention projections W_q x, W_k [h; x], W_v [h; x] and W_o, the attention over the
+    N_p + 2C + 2C keys [P; cache; h; x] (`attention_mixer_flops`; the cache's 2C slots are
+    computed and masked in a fresh call), and the memory written from y (`memory`); and per
+    piece the persistent keys and values W_k P, W_v P (unbatched; counted once per sequence)."""
+    D, C, Np = dim, segment, n_persistent
+    pieces = mac_pieces(seq_len, C)
+    keys = Np + 4 * C
+    per_token = (retrieval + 2.0 * retrieval_dim * D
+                 + attention_mixer_flops(D, n_heads, n_heads, D // n_heads, keys)
+                 + 2 * 2.0 * D * D + memory)
+    per_piece = 2 * 2.0 * Np * D * D
+    return pieces * (C * per_token + per_piece) / seq_len
 
 
 # ----------------------------------------------------------------------------- persistent prefix

@@ -36,12 +36,21 @@ from dataclasses import dataclass
 from flax import nnx
 
 from layers.atlas import AtlasMemory
-from layers.deep_transformer import DeepTransformerMixer
+from layers.deep_transformer import DeepTransformerMixer, deep_transformer_mixer_flops
 from layers.memory import NeuralMemoryConfig
-from layers.mlp import SwiGLU, llama_ffn_dim
+from layers.mlp import llama_ffn_dim
 from layers.norms import RMSNorm
 from pallas_kernels.impl import check, check_block
-from zoo.lm import Block, CausalLM, build_lm, lm_param_count, swiglu_block, swiglu_block_count
+from zoo.lm import (
+    CausalLM,
+    build_lm,
+    causal_keys,
+    lm_flops,
+    lm_param_count,
+    swiglu_block,
+    swiglu_block_count,
+    swiglu_block_flops,
+)
 from zoo.registry import ConformanceSpec, register
 
 # ----------------------------------------------------------------------------- shared config
@@ -126,6 +135,17 @@ class MemoryLMConfig:
         return lm_param_count([block] * self.n_layers, vocab_size=self.vocab_size, dim=self.dim,
                               tie_embeddings=self.tie_embeddings)
 
+    def flops(self, seq_len: int) -> float:
+        """Training FLOPs per token (`zoo.lm`'s convention): 3 x (n_layers x [the mixer's
+        forward FLOPs (its class's `flops`, e.g. `layers.memory.neural_memory_flops` with the
+        variant's parts) + the SwiGLU's 6 D F] + the head's 2 D V). Independent of `seq_len`:
+        the memory's work per token is."""
+        del seq_len
+        cls, args = self.memory_layer()
+        block = swiglu_block_flops(cls.flops(self.memory_config(), **args), dim=self.dim,
+                                   ffn_dim=self.d_ff)
+        return lm_flops([block] * self.n_layers, vocab_size=self.vocab_size, dim=self.dim)
+
 
 # ----------------------------------------------------------------------------- Atlas, OmegaNet
 
@@ -180,6 +200,7 @@ _TINY = dict(vocab_size=37, dim=16, n_layers=1, n_heads=2, chunk=3, window=4, in
 
 
 @register("atlas", config=AtlasConfig, param_count=AtlasConfig.param_count,
+          flops=AtlasConfig.flops,
           conformance=ConformanceSpec(
               config=AtlasConfig(**_TINY), length=13, cuts=(1, 3, 5, 12),
               reference={"impl": "reference"}, fast=({"impl": "chunked"},),
@@ -200,6 +221,7 @@ class OmegaNetConfig(AtlasConfig):
 
 
 @register("omeganet", config=OmegaNetConfig, param_count=AtlasConfig.param_count,
+          flops=AtlasConfig.flops,
           conformance=ConformanceSpec(
               config=OmegaNetConfig(**_TINY), length=13, cuts=(1, 3, 5, 12),
               reference={"impl": "reference"}, fast=({"impl": "chunked"},)))
@@ -257,23 +279,34 @@ class DeepTransformerConfig:
 def deep_transformer_param_count(cfg: DeepTransformerConfig) -> int:
     D, Hd = cfg.dim, cfg.n_heads * cfg.hd
     mixer = 4 * D * Hd + ((D + 1) * cfg.n_heads if cfg.rate_gate else 0)
-    block = mixer + 3 * D * cfg.d_ff + 2 * D     # + SwiGLU + two RMSNorms
+    block = swiglu_block_count(mixer, dim=D, ffn_dim=cfg.d_ff)
     return lm_param_count([block] * cfg.n_layers, vocab_size=cfg.vocab_size, dim=D,
                           tie_embeddings=cfg.tie_embeddings)
 
 
+def deep_transformer_flops(cfg: DeepTransformerConfig, seq_len: int) -> float:
+    """Training FLOPs per token (`zoo.lm`'s convention): 3 x (n_layers x [8 D H d + 2 D H (rate
+    gate) + 4 H keys (d + 1) + 6 D F] + 2 D V) (`deep_transformer_mixer_flops` in a
+    `swiglu_block`), keys = seq_len (DeepTransformer) or the c = window tokens kept (SWDT:
+    window W = c − 1, W + 1 keys; the reference op computes every key and masks them)."""
+    keys = causal_keys(seq_len, None if cfg.window is None else cfg.window - 1)
+    mixer = deep_transformer_mixer_flops(cfg.dim, cfg.n_heads, keys, cfg.rate_gate)
+    block = swiglu_block_flops(mixer, dim=cfg.dim, ffn_dim=cfg.d_ff)
+    return lm_flops([block] * cfg.n_layers, vocab_size=cfg.vocab_size, dim=cfg.dim)
+
+
 def build_deep_transformer_lm(cfg: DeepTransformerConfig, rngs: nnx.Rngs) -> CausalLM:
-    """[DeepTransformerMixer, SwiGLU] blocks with pre-RMSNorms in the shared LM scaffold."""
+    """[DeepTransformerMixer, SwiGLU] blocks (`zoo.lm.swiglu_block`) in the shared LM scaffold."""
     cfg.validate()
-    norm = lambda: RMSNorm(cfg.dim, eps=cfg.norm_eps)
-    blocks = [Block(DeepTransformerMixer(cfg.dim, cfg.n_heads, rngs=rngs, window=cfg.window,
+    mixer = lambda: DeepTransformerMixer(cfg.dim, cfg.n_heads, rngs=rngs, window=cfg.window,
                                          rate_gate=cfg.rate_gate, rate_bias=cfg.rate_bias,
                                          rope_base=cfg.rope_base, max_len=cfg.max_len,
-                                         init_std=cfg.init_std, impl=cfg.impl, block=cfg.block),
-                    norm(), SwiGLU(cfg.dim, cfg.d_ff, rngs=rngs, std=cfg.init_std), norm())
-              for _ in range(cfg.n_layers)]
-    return build_lm(blocks, vocab_size=cfg.vocab_size, dim=cfg.dim, final_norm=norm(),
-                    rngs=rngs, tie_embeddings=cfg.tie_embeddings, init_std=cfg.init_std)
+                                         init_std=cfg.init_std, impl=cfg.impl, block=cfg.block)
+    blocks = [swiglu_block(mixer(), dim=cfg.dim, ffn_dim=cfg.d_ff, norm_eps=cfg.norm_eps,
+                           init_std=cfg.init_std, rngs=rngs) for _ in range(cfg.n_layers)]
+    return build_lm(blocks, vocab_size=cfg.vocab_size, dim=cfg.dim,
+                    final_norm=RMSNorm(cfg.dim, eps=cfg.norm_eps), rngs=rngs,
+                    tie_embeddings=cfg.tie_embeddings, init_std=cfg.init_std)
 
 
 _TINY_DT = dict(vocab_size=37, dim=16, n_layers=2, n_heads=2, max_len=64, init_std=0.1,
@@ -281,6 +314,7 @@ _TINY_DT = dict(vocab_size=37, dim=16, n_layers=2, n_heads=2, max_len=64, init_s
 
 
 @register("deep_transformer", config=DeepTransformerConfig, param_count=deep_transformer_param_count,
+          flops=deep_transformer_flops,
           conformance=ConformanceSpec(
               config=DeepTransformerConfig(**_TINY_DT), length=13, cuts=(1, 6, 7, 12),
               reference={"impl": "reference"}, fast=({"impl": "chunked", "block": 4},)))
@@ -295,6 +329,7 @@ class SWDTConfig(DeepTransformerConfig):
 
 
 @register("swdt", config=SWDTConfig, param_count=deep_transformer_param_count,
+          flops=deep_transformer_flops,
           conformance=ConformanceSpec(
               config=SWDTConfig(**_TINY_DT, window=4), length=13, cuts=(1, 6, 7, 12),
               reference={"impl": "reference"}, fast=({"impl": "chunked", "block": 4},)))

@@ -113,9 +113,15 @@ class MemoraConfig(MirasConfig):
 # entries of magnitude 2.2; the forward matches the float64 token loops of tests/test_miras.py
 # to 2e-5).
 _TOL = {"moneta": 3e-5, "yaad": 1e-5, "memora": 1e-5}
+# The FLOP check's config (tests/test_flops.py): Moneta's and Yaad's at dim 64 (head dim 32),
+# where the memory's exact GELU and the smooth signal / Huber clip no longer rival its
+# products as they do at head dim 8; Memora's at the conformance config.
+_FLOPS = {"moneta": dict(dim=64), "yaad": dict(dim=64), "memora": None}
 for _name, _cls in (("moneta", MonetaConfig), ("yaad", YaadConfig), ("memora", MemoraConfig)):
-    register(_name, config=_cls, param_count=MirasConfig.param_count,
+    register(_name, config=_cls, param_count=MirasConfig.param_count, flops=MirasConfig.flops,
              conformance=ConformanceSpec(config=_cls(**_TINY), length=13, cuts=(1, 3, 5, 12),
                                          reference={"impl": "reference"},
                                          fast=({"impl": "chunked"},), atol=_TOL[_name],
-                                         rtol=_TOL[_name]))(_builder(_name))
+                                         rtol=_TOL[_name],
+                                         flops_config=None if _FLOPS[_name] is None
+                                         else _cls(**{**_TINY, **_FLOPS[_name]})))(_builder(_name))

@@ -24,13 +24,37 @@ from dataclasses import dataclass
 
 from flax import nnx
 
-from layers.attention import Attention
-from layers.memory import NeuralMemory, NeuralMemoryConfig, neural_memory_param_count
+from layers.attention import Attention, attention_mixer_flops
+from layers.memory import (
+    NeuralMemory,
+    NeuralMemoryConfig,
+    memory_qkv_flops,
+    memory_read_flops,
+    neural_memory_flops,
+    neural_memory_param_count,
+)
 from layers.mlp import llama_ffn_dim
 from layers.norms import RMSNorm
-from layers.titans import MACMixer, MAGMixer, PrefixedMemory
+from layers.titans import (
+    MACMixer,
+    MAGMixer,
+    PrefixedMemory,
+    mac_mixer_flops,
+    mag_mixer_flops,
+    prefixed_memory_flops,
+)
 from pallas_kernels.impl import check, check_block
-from zoo.lm import Block, CausalLM, build_lm, lm_param_count, swiglu_block, swiglu_block_count
+from zoo.lm import (
+    Block,
+    CausalLM,
+    build_lm,
+    causal_keys,
+    lm_flops,
+    lm_param_count,
+    swiglu_block,
+    swiglu_block_count,
+    swiglu_block_flops,
+)
 from zoo.registry import ConformanceSpec, register
 
 OPS = ("neural_memory", "attention")
@@ -136,6 +160,24 @@ def _attention_count(cfg: TitansConfig) -> int:
     return 4 * cfg.dim * cfg.dim
 
 
+def _lm_flops(cfg: TitansConfig, mixers) -> float:
+    """Training FLOPs per token of the LM around blocks with these mixers' forward FLOPs per
+    token (each in a `swiglu_block`)."""
+    blocks = [swiglu_block_flops(m, dim=cfg.dim, ffn_dim=cfg.d_ff) for m in mixers]
+    return lm_flops(blocks, vocab_size=cfg.vocab_size, dim=cfg.dim)
+
+
+def _memory_flops(cfg: TitansConfig) -> float:
+    return neural_memory_flops(cfg.memory_config())
+
+
+def _window_keys(cfg: TitansConfig, seq_len: int) -> int:
+    """Keys per query of the sliding-window attention of MAG / MAL in the `zoo.lm` convention:
+    W + 1 (MAG adds its N_p persistent keys). The reference op scores every key of the call
+    and masks them (seq_len + N_p)."""
+    return causal_keys(seq_len, cfg.window)
+
+
 # ----------------------------------------------------------------------------- LMM
 
 
@@ -143,14 +185,23 @@ def lmm_param_count(cfg: TitansConfig) -> int:
     return _lm_count(cfg, [_memory_count(cfg)] * cfg.n_layers)
 
 
+def lmm_flops(cfg: TitansConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 3 x (n_layers x [`neural_memory_flops` + 6 D F] + 2 D V)."""
+    return _lm_flops(cfg, [_memory_flops(cfg)] * cfg.n_layers)
+
+
 _TINY = dict(vocab_size=37, dim=16, n_layers=2, n_heads=2, init_std=0.1, ffn_dim=32)
+# The FLOP check's config for the MLP memory: at head dim 8 the memory's exact GELU (XLA counts
+# its erf as ~64 operations) rivals its products; at head dim 32 it is a few percent. One layer.
+_FLOPS = dict(dim=64, ffn_dim=128, n_layers=1)
 
 
-@register("titans_lmm", config=TitansConfig, param_count=lmm_param_count,
+@register("titans_lmm", config=TitansConfig, param_count=lmm_param_count, flops=lmm_flops,
           conformance=ConformanceSpec(
               config=TitansConfig(**_TINY, chunk=4),
               length=13, cuts=(1, 4, 6, 12),
-              reference={"impl": "reference"}, fast=({"impl": "chunked"},)))
+              reference={"impl": "reference"}, fast=({"impl": "chunked"},),
+              flops_config=TitansConfig(**{**_TINY, **_FLOPS}, chunk=4)))
 def build_titans_lmm(cfg: TitansConfig, rngs: nnx.Rngs) -> CausalLM:
     cfg.validate()
     memory = cfg.memory_factory()
@@ -166,10 +217,20 @@ def mag_param_count(cfg: TitansConfig) -> int:
     return _lm_count(cfg, [mixer] * cfg.n_layers)
 
 
+def mag_flops(cfg: TitansConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 3 x (n_layers x [`mag_mixer_flops`: the memory on [P; x],
+    the window attention over W + 1 + N_p keys, W_o + 6 D F] + 2 D V)."""
+    A = cfg.n_attn_heads
+    mixer = mag_mixer_flops(_memory_flops(cfg), dim=cfg.dim, n_heads=A,
+                            keys=_window_keys(cfg, seq_len) + cfg.n_persistent,
+                            n_persistent=cfg.n_persistent, seq_len=seq_len)
+    return _lm_flops(cfg, [mixer] * cfg.n_layers)
+
+
 _HYBRID = dict(_TINY, memory="linear", chunk=4, window=4, n_persistent=3, max_len=32)
 
 
-@register("titans_mag", config=TitansConfig, param_count=mag_param_count,
+@register("titans_mag", config=TitansConfig, param_count=mag_param_count, flops=mag_flops,
           conformance=ConformanceSpec(
               config=TitansConfig(**{**_HYBRID, "n_layers": 1}),
               length=13, cuts=(1, 5, 9, 12),
@@ -191,7 +252,18 @@ def mal_param_count(cfg: TitansConfig) -> int:
     return _lm_count(cfg, [mem] * n_mem + [_attention_count(cfg)] * (cfg.n_layers - n_mem))
 
 
-@register("titans_mal", config=TitansConfig, param_count=mal_param_count,
+def mal_flops(cfg: TitansConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 3 x (the even layers' `prefixed_memory_flops` and the odd
+    layers' window attention over W + 1 keys (`attention_mixer_flops`), each + 6 D F, + 2 D V)."""
+    A = cfg.n_attn_heads
+    n_mem = (cfg.n_layers + 1) // 2
+    mem = prefixed_memory_flops(_memory_flops(cfg), n_persistent=cfg.n_persistent,
+                                seq_len=seq_len)
+    attn = attention_mixer_flops(cfg.dim, A, A, cfg.dim // A, _window_keys(cfg, seq_len))
+    return _lm_flops(cfg, [mem] * n_mem + [attn] * (cfg.n_layers - n_mem))
+
+
+@register("titans_mal", config=TitansConfig, param_count=mal_param_count, flops=mal_flops,
           conformance=ConformanceSpec(
               config=TitansConfig(**_HYBRID),
               length=13, cuts=(1, 5, 9, 12),
@@ -224,7 +296,19 @@ def mac_param_count(cfg: TitansConfig) -> int:
     return _lm_count(cfg, [mixer] * cfg.n_layers)
 
 
-@register("titans_mac", config=TitansConfig, param_count=mac_param_count,
+def mac_flops(cfg: TitansConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 3 x (n_layers x [`mac_mixer_flops`: per padded segment
+    token the retrieval (query path + read), W_h, the attention over N_p + 4C keys, the memory
+    written from y; + 6 D F] + 2 D V)."""
+    mc = cfg.memory_config()
+    retrieval = memory_qkv_flops(mc) + memory_read_flops(mc)
+    mixer = mac_mixer_flops(_memory_flops(cfg), retrieval, dim=cfg.dim, n_heads=cfg.n_attn_heads,
+                            segment=cfg.segment, n_persistent=cfg.n_persistent,
+                            retrieval_dim=cfg.n_heads * cfg.hd, seq_len=seq_len)
+    return _lm_flops(cfg, [mixer] * cfg.n_layers)
+
+
+@register("titans_mac", config=TitansConfig, param_count=mac_param_count, flops=mac_flops,
           conformance=ConformanceSpec(
               config=TitansConfig(**{**_HYBRID, "n_layers": 1, "segment": 8}),
               length=13, cuts=(1, 4, 8, 12),
