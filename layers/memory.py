@@ -533,3 +533,11 @@ def neural_memory_flops(cfg: NeuralMemoryConfig, *, transform: float = 0.0, link
     return (memory_qkv_flops(cfg) + gate_proj + H * memory_step_flops(cfg, transform=transform,
                                                                        link=link)
             + out + features + gates)
+
+
+# XLA's count of a training step whose FLOPs are mostly this layer's exceeds the products
+# counted above by up to ~80 %: the reference op's reset / padding / anchor selects touch every
+# memory weight at every token, forward and backward (about 20 elementwise ops per weight per
+# token; measured op by op for titans_lmm at dim 64, where the products equal the count to the
+# FLOP). tests/test_flops.py checks such models against this range instead of its default.
+XLA_FLOPS_RANGE = (0.95, 1.85)

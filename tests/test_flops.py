@@ -7,10 +7,12 @@ module is analysed: no compile is needed, and the CPU compiler's fusions, which 
 elementwise work of an unrolled loop's input slices in every step, are not counted. The reference implementation is used (the algorithm the count
 describes; chunked forms recompute chunk bodies in the backward pass).
 
-Tolerance: XLA also counts the elementwise work (norms, activations, gates, softmax, masks and
-the cross-entropy) that the analytic count leaves out, so XLA's number may exceed the declared
-one by up to HIGH - 1; it may not fall short of it by more than 1 - LOW (products the count
-claims but the model does not do).
+Tolerance (`ConformanceSpec.flops_range`, default 0.95-1.4): XLA also counts the elementwise
+work (norms, activations, gates, softmax, masks and the cross-entropy) that the analytic count
+leaves out, so XLA's number may exceed the declared one by up to 40 %; it may not fall short of
+it by more than 5 % (products the count claims but the model does not do). Models whose FLOPs
+are mostly the neural memory's use `layers.memory.XLA_FLOPS_RANGE` (0.95-1.85), for the measured
+reason written beside it (the reference op's selects on every memory weight).
 """
 from __future__ import annotations
 
@@ -26,7 +28,6 @@ from flax import nnx
 import zoo
 
 NAMES = zoo.names()
-LOW, HIGH = 0.95, 1.4
 BATCH = 2
 
 
@@ -75,5 +76,6 @@ def test_declared_flops_match_xla(name):
     assert entry.flops is not None, f"{name} declares no training FLOPs per token"
     declared = entry.flops(cfg, T) * BATCH * T
     xla = xla_train_flops(name, cfg, T)
-    assert LOW * declared <= xla <= HIGH * declared, \
+    low, high = entry.conformance.flops_range
+    assert low * declared <= xla <= high * declared, \
         f"{name}: XLA {xla:.4g} vs declared {declared:.4g} (ratio {xla / declared:.3f})"

@@ -37,7 +37,7 @@ from flax import nnx
 
 from layers.atlas import AtlasMemory
 from layers.deep_transformer import DeepTransformerMixer, deep_transformer_mixer_flops
-from layers.memory import NeuralMemoryConfig
+from layers.memory import XLA_FLOPS_RANGE, NeuralMemoryConfig
 from layers.mlp import llama_ffn_dim
 from layers.norms import RMSNorm
 from pallas_kernels.impl import check, check_block
@@ -224,7 +224,8 @@ class OmegaNetConfig(AtlasConfig):
           flops=AtlasConfig.flops,
           conformance=ConformanceSpec(
               config=OmegaNetConfig(**_TINY), length=13, cuts=(1, 3, 5, 12),
-              reference={"impl": "reference"}, fast=({"impl": "chunked"},)))
+              reference={"impl": "reference"}, fast=({"impl": "chunked"},),
+              flops_range=XLA_FLOPS_RANGE))
 def build_omeganet(cfg: OmegaNetConfig, rngs: nnx.Rngs) -> CausalLM:
     if cfg.momentum:
         raise ValueError("model.momentum=True is Atlas; use the 'atlas' entry")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from flax import nnx
 
-from layers.memory import NeuralMemoryConfig
+from layers.memory import XLA_FLOPS_RANGE, NeuralMemoryConfig
 from layers.miras import MemoraMemory, MonetaMemory, YaadMemory
 from zoo.atlas import MemoryLMConfig
 from zoo.registry import ConformanceSpec, register
@@ -124,4 +124,5 @@ for _name, _cls in (("moneta", MonetaConfig), ("yaad", YaadConfig), ("memora", M
                                          fast=({"impl": "chunked"},), atol=_TOL[_name],
                                          rtol=_TOL[_name],
                                          flops_config=None if _FLOPS[_name] is None
-                                         else _cls(**{**_TINY, **_FLOPS[_name]})))(_builder(_name))
+                                         else _cls(**{**_TINY, **_FLOPS[_name]}),
+                                         flops_range=XLA_FLOPS_RANGE))(_builder(_name))

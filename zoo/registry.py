@@ -34,6 +34,7 @@ class ConformanceSpec:
     decode: bool = True          # token-by-token decode equality applies
     check_margins: Callable | None = None  # (model, tokens) -> None; asserts decision margins
     flops_config: Any = None     # the config tests/test_flops.py checks (None: `config`)
+    flops_range: tuple[float, float] = (0.95, 1.4)  # its bounds on XLA / declared FLOPs
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from flax import nnx
 
 from layers.attention import Attention, attention_mixer_flops
 from layers.memory import (
+    XLA_FLOPS_RANGE,
     NeuralMemory,
     NeuralMemoryConfig,
     memory_qkv_flops,
@@ -201,7 +202,8 @@ _FLOPS = dict(dim=64, ffn_dim=128, n_layers=1)
               config=TitansConfig(**_TINY, chunk=4),
               length=13, cuts=(1, 4, 6, 12),
               reference={"impl": "reference"}, fast=({"impl": "chunked"},),
-              flops_config=TitansConfig(**{**_TINY, **_FLOPS}, chunk=4)))
+              flops_config=TitansConfig(**{**_TINY, **_FLOPS}, chunk=4),
+              flops_range=XLA_FLOPS_RANGE))
 def build_titans_lmm(cfg: TitansConfig, rngs: nnx.Rngs) -> CausalLM:
     cfg.validate()
     memory = cfg.memory_factory()
