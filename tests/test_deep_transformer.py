@@ -11,7 +11,6 @@ from flax import nnx
 from memory_reference import deep_transformer_read
 
 from layers.deep_transformer import DeepTransformerMixer
-from zoo.atlas import DeepTransformerConfig, SWDTConfig
 
 B, T, D, H = 2, 11, 8, 2
 
@@ -39,14 +38,3 @@ def test_deep_transformer_mixer_is_the_phi_star_linear_memory_read(window):
     ref = jax.vmap(jax.vmap(read, (1, 1, 1, 1), 1))(q, k, v, jnp.exp(log_eta))
     assert float(jnp.std(log_eta)) > 0.05           # the rates vary: the gate is exercised
     np.testing.assert_allclose(fwd(mix, x), mix.wo(ref.reshape(B, T, D)), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("cls", [DeepTransformerConfig, SWDTConfig])
-def test_config_validates_impl_and_block_naming_the_key(cls):
-    cls(impl="chunked", block=4).validate()
-    with pytest.raises(ValueError, match=r"^model\.impl='cuda' is not one of"):
-        cls(impl="cuda").validate()
-    with pytest.raises(ValueError, match=r"^model\.impl='pallas': op 'attention'"):
-        cls(impl="pallas").validate()
-    with pytest.raises(ValueError, match=r"^model\.block=0"):
-        cls(block=0).validate()

@@ -14,7 +14,6 @@ equalities of every Titans entry are the conformance suite's checks.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from layers.memory import NeuralMemory, NeuralMemoryConfig, dot_signal, l2_signal, linear_memory
@@ -22,7 +21,6 @@ from layers.titans import MACMixer
 from pallas_kernels.gated_delta import gated_delta as _gd
 from pallas_kernels.neural_memory import MemoryRule, init_state
 from pallas_kernels.neural_memory import neural_memory as _nm
-from zoo.titans import TitansConfig
 
 neural_memory = jax.jit(_nm, static_argnums=(0,), static_argnames=("impl", "max_resets"))
 gated_delta = jax.jit(_gd, static_argnames=("scale", "impl", "block"))
@@ -115,13 +113,3 @@ def test_mac_host_takes_another_memory_and_continues_exactly():
 
     y, y_split = full_and_split(mixer, x)
     np.testing.assert_allclose(y_split, y, rtol=1e-5, atol=1e-5)
-
-
-def test_config_validates_impl_and_block_naming_the_key():
-    TitansConfig(impl="chunked", block=4).validate()
-    with pytest.raises(ValueError, match=r"^model\.impl='cuda' is not one of"):
-        TitansConfig(impl="cuda").validate()
-    with pytest.raises(ValueError, match=r"^model\.impl='pallas': op 'neural_memory'"):
-        TitansConfig(impl="pallas").validate()
-    with pytest.raises(ValueError, match=r"^model\.block=0"):
-        TitansConfig(block=0).validate()
