@@ -191,7 +191,9 @@ def test_gradients_finite_and_jit_equals_eager(name):
     spec = spec_of(name)
     model, graphdef, params = setup(name)
     x = tokens_for(name, 2, seed=3)
-    _, grads = logits_and_grads(name)(params, x)
+    # the reference build's gradient step: compiled once, shared with the fast-forms test
+    key = overrides_key(name, spec.reference)
+    _, grads = logits_and_grads(name, key)(setup(name, key)[2], x)
     flat = jax.tree_util.tree_leaves_with_path(grads)
     for path, g in flat:
         assert np.all(np.isfinite(np.asarray(g))), f"non-finite gradient at {jax.tree_util.keystr(path)}"
