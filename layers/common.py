@@ -12,6 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.impl import check as check_impl  # noqa: F401  (re-exported: zoo configs validate their impl through layers)
+from pallas_kernels.impl import check_block  # noqa: F401  (re-exported likewise)
+
 Array = jax.Array
 
 

@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from flax import nnx
 
 from layers.atlas import AtlasMemory
+from layers.common import check_block, check_impl
 from layers.deep_transformer import DeepTransformerMixer, deep_transformer_mixer_flops
 from layers.memory import XLA_FLOPS_RANGE, NeuralMemoryConfig
 from layers.mlp import llama_ffn_dim
 from layers.norms import RMSNorm
-from pallas_kernels.impl import check, check_block
 from zoo.lm import (
     CausalLM,
     build_lm,
@@ -87,7 +87,7 @@ class MemoryLMConfig:
     max_resets: int = 4
 
     def validate(self):
-        check(self.impl, ("neural_memory",))
+        check_impl(self.impl, ("neural_memory",))
         if self.memory not in ("mlp", "linear"):
             raise ValueError(f"model.memory={self.memory!r} is not one of ('mlp', 'linear')")
         if self.dim % self.n_heads:
@@ -259,7 +259,7 @@ class DeepTransformerConfig:
     block: int = 128                # attention key block (never changes the function)
 
     def validate(self):
-        check(self.impl, ("attention",))
+        check_impl(self.impl, ("attention",))
         check_block(self.block)
         if self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")

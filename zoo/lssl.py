@@ -21,12 +21,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.common import dropout, fold, real_mask
+from layers.common import check_block, check_impl, dropout, fold, real_mask
 from layers.embed import Embed
 from layers.linear import Dense
 from layers.lssl import LSSLMixer, lssl_call_flops, lssl_mixer_flops, lssl_state_flops
 from layers.norms import LayerNorm
-from pallas_kernels.impl import check, check_block
 from zoo.lm import TRAIN_FACTOR, CausalLM, build_lm, dense_flops, lm_flops, lm_param_count
 from zoo.registry import ConformanceSpec, register
 
@@ -65,7 +64,7 @@ class LSSLConfig:
                              ("discretization", self.discretization, ("bilinear", "zoh"))):
             if val not in ok:
                 raise ValueError(f"model.{key}={val!r} is not one of {ok}")
-        check(self.impl, ("lssl",))
+        check_impl(self.impl, ("lssl",))
         check_block(self.block)
         if self.rate <= 0:
             raise ValueError(f"model.rate={self.rate} must be > 0")

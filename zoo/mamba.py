@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 from flax import nnx
 
+from layers.common import check_block, check_impl
 from layers.norms import RMSNorm
 from layers.ssm import Mamba2Mixer, MambaMixer, mamba2_mixer_flops, mamba_mixer_flops
-from pallas_kernels.impl import check, check_block
 from zoo import hf as _hf
 from zoo.lm import Block, CausalLM, build_lm, lm_flops, lm_param_count
 from zoo.registry import ConformanceSpec, register
@@ -62,7 +62,7 @@ class MambaConfig:
         return self.dt_rank or math.ceil(self.dim / 16)
 
     def validate(self):
-        check(self.impl, ("selective_scan",))
+        check_impl(self.impl, ("selective_scan",))
         check_block(self.block)
         if self.dt_init not in ("random", "constant"):
             raise ValueError(f"model.dt_init={self.dt_init!r} is not one of ('random', 'constant')")
@@ -106,7 +106,7 @@ class Mamba2Config:
         return self.di // self.head_dim
 
     def validate(self):
-        check(self.impl, ("ssd",))
+        check_impl(self.impl, ("ssd",))
         check_block(self.block)
         if self.di % self.head_dim:
             raise ValueError(f"model.head_dim={self.head_dim} does not divide expand*dim={self.di}")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from flax import nnx
 
 from layers.attention import Attention, attention_mixer_flops
+from layers.common import check_block, check_impl
 from layers.memory import (
     XLA_FLOPS_RANGE,
     NeuralMemory,
@@ -44,7 +45,6 @@ from layers.titans import (
     mag_mixer_flops,
     prefixed_memory_flops,
 )
-from pallas_kernels.impl import check, check_block
 from zoo.lm import (
     Block,
     CausalLM,
@@ -104,7 +104,7 @@ class TitansConfig:
         return self.attn_heads or self.n_heads
 
     def validate(self):
-        check(self.impl, OPS)
+        check_impl(self.impl, OPS)
         check_block(self.block)
         if self.head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")

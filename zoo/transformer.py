@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from flax import nnx
 
 from layers.attention import Attention, attention_mixer_flops
+from layers.common import check_block, check_impl
 from layers.mlp import GeluMLP, SwiGLU, gelu_mlp_flops, llama_ffn_dim, swiglu_flops
 from layers.norms import make_norm
-from pallas_kernels.impl import check, check_block
 from zoo.lm import Block, CausalLM, build_lm, causal_keys, lm_flops, lm_param_count
 from zoo.registry import ConformanceSpec, register
 
@@ -68,7 +68,7 @@ class TransformerConfig:
                              ("init", self.init, ("normal", "torch"))):
             if val not in ok:
                 raise ValueError(f"model.{key}={val!r} is not one of {ok}")
-        check(self.impl, ("attention",))
+        check_impl(self.impl, ("attention",))
         check_block(self.block)
 
     @property
