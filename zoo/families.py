@@ -4,5 +4,6 @@ import zoo.gam  # noqa: F401
 import zoo.lssl  # noqa: F401
 import zoo.mamba  # noqa: F401
 import zoo.miras  # noqa: F401
+import zoo.rat  # noqa: F401
 import zoo.titans  # noqa: F401
 import zoo.transformer  # noqa: F401
