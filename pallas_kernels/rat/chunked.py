@@ -1,10 +1,12 @@
 """RAT chunk-parallel form (specs/rat.md §5): the same function as `reference.py`.
 
-1. Recurrence (§5.1): one `lax.associative_scan` over the call's time axis of
-   h_t = a_t h_{t-1} + (1 - f_t) [x_t | k_t], with a_t = 0 at chunk starts (document position
-   mod L == 0, document starts included) and a_t = f_t elsewhere; the carried running state
-   enters through the first step, so a call may start mid-chunk (DESIGN's chunk-aligned
-   contract).
+1. Recurrence (§5.1): h_t = a_t h_{t-1} + (1 - f_t) [x_t | k_t] over the call's time axis,
+   with a_t = 0 at chunk starts (document position mod L == 0, document starts included) and
+   a_t = f_t elsewhere; the carried running state enters through the first step, so a call may
+   start mid-chunk (DESIGN's chunk-aligned contract). Two levels over tiles of L call tokens: a
+   `lax.scan` over the L in-tile steps (vectorised over tiles, from zero), then a `lax.scan` over
+   the tiles carrying the incoming state (h = h_local + (prod of a so far) h_in). Cheaper to
+   trace and to run on CPU than an associative scan over T.
 2. Chunk summaries: chunk ends (position mod L == L-1) are at least L tokens apart, even across
    document starts, so each tile of L consecutive call tokens holds at most one: tile i's
    summary is the masked sum over its tokens (no gather, no dynamic shapes).
@@ -24,10 +26,34 @@ from pallas_kernels.rat.reference import NEG, Rotate
 Array = jax.Array
 
 
-def _combine(x, y):
-    a1, v1, k1 = x
-    a2, v2, k2 = y
-    return a1 * a2, a2 * v1 + v2, a2 * k1 + k2
+def _linear_scan(a: Array, bs: tuple[Array, ...], n: int, L: int) -> tuple[Array, ...]:
+    """h_t = a_t h_{t-1} + b_t from h_{-1} = 0 along axis 1 of [B, T, ...] arrays, in tiles."""
+    T = a.shape[1]
+    at = jnp.moveaxis(_tiles(a, n, L), 2, 0)                    # [L, B, n, ...]
+    bt = tuple(jnp.moveaxis(_tiles(b, n, L), 2, 0) for b in bs)
+
+    def inner(c, x):
+        A, hs = c
+        ai, bi = x
+        c = (A * ai, tuple(ai * h + b for h, b in zip(hs, bi)))
+        return c, c
+
+    zero = jnp.zeros_like(at[0])
+    _, (A, hs) = jax.lax.scan(inner, (jnp.ones_like(zero), (zero,) * len(bs)), (at, bt))
+
+    def outer(h_in, x):                                          # over tiles: [B, ...]
+        A_last, h_last = x
+        return tuple(A_last * hi + hl for hi, hl in zip(h_in, h_last)), h_in
+
+    _, h_in = jax.lax.scan(outer, tuple(jnp.zeros_like(zero[:, 0]) for _ in bs),
+                           (jnp.moveaxis(A[-1], 1, 0), tuple(jnp.moveaxis(h[-1], 1, 0)
+                                                             for h in hs)))
+    out = []
+    for h, hi in zip(hs, h_in):                                  # h [L, B, n, ...], hi [n, B, ...]
+        full = h + A * jnp.moveaxis(hi, 0, 1)[None]
+        full = jnp.moveaxis(full, 0, 2)                          # [B, n, L, ...]
+        out.append(full.reshape((full.shape[0], n * L) + full.shape[3:])[:, :T])
+    return tuple(out)
 
 
 def _tiles(a: Array, n: int, L: int) -> Array:
@@ -58,11 +84,11 @@ def rat(q: Array, k: Array, v: Array, f: Array, carry: tuple[Array, Array, Array
     bv, bk = (1.0 - f) * v, (1.0 - f) * k
     bv = bv.at[:, 0].add(a[:, 0] * v_run)
     bk = bk.at[:, 0].add(a[:, 0] * k_run)
-    _, vbar, kbar = jax.lax.associative_scan(_combine, (a, bv, bk), axis=1)
+    n = n_chunks(T, L)
+    vbar, kbar = _linear_scan(a, (bv, bk), n, L)
     kr = kbar if rotate is None else rotate(kbar, pos // L)
 
     # 2. one summary per tile of L call tokens
-    n = n_chunks(T, L)
     is_end = pos % L == L - 1
     e = _tiles(is_end, n, L)                                     # [B, n, L]
     K = jnp.einsum("bnl,bnlhd->bnhd", e.astype(dt), _tiles(kr, n, L))
