@@ -5,6 +5,7 @@ import zoo.linear_memory  # noqa: F401
 import zoo.lssl  # noqa: F401
 import zoo.mamba  # noqa: F401
 import zoo.miras  # noqa: F401
+import zoo.mom  # noqa: F401
 import zoo.rat  # noqa: F401
 import zoo.titans  # noqa: F401
 import zoo.transformer  # noqa: F401
