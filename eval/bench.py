@@ -10,6 +10,12 @@ fields a config has (others are ignored for that model). The variants of a model
 real kernel block size: `--set=block=64`). Ratios are within this run: `vs_ref` is
 the variant's time over the model's reference form; `vs_<baseline>` is over the baseline model's
 first variant at the same length. Absolute times on a shared CPU are noisy; compare ratios.
+
+A model name may carry config overrides of its own, `name@key=value+key=value` (e.g.
+`--models=transformer,rat@chunk=16,rat@chunk=64`: one model at several chunk sizes in one run).
+`--decode` adds `decode_s`: the median latency of one generated token after a prefill of
+`seq_len` tokens (state / KV cache sized for seq_len + steps + 1). With several lengths, the
+table ends with the fitted exponents: the slope of log(time) against log(seq_len) per row kind.
 """
 from __future__ import annotations
 
@@ -40,6 +46,12 @@ def _parse_set(text: str) -> dict:
     return out
 
 
+def split_name(text: str) -> tuple[str, dict]:
+    """`name@key=value+key=value` -> (name, its own overrides)."""
+    name, _, own = text.partition("@")
+    return name, _parse_set(own.replace("+", ","))
+
+
 def variants(name: str, overrides: dict):
     spec = zoo.get(name).conformance
     if spec is None:
@@ -51,6 +63,37 @@ def variants(name: str, overrides: dict):
     for fast in spec.fast:
         label = ",".join(f"{k}={v}" for k, v in fast.items() if k not in mine)
         out.append((label, dataclasses.replace(base, **{**dict(fast), **mine})))
+    return out
+
+
+def measure_decode(name: str, cfg, batch: int, seq_len: int, steps: int) -> float:
+    """Median seconds of one single-token step after a prefill of `seq_len` tokens."""
+    model = zoo.build(name, cfg, rngs=0)
+    graphdef, params = nnx.split(model)
+    x = jax.random.randint(jax.random.key(1), (batch, seq_len), 0, cfg.vocab_size, jnp.int32)
+    state = model.init_state(batch, seq_len + steps + 1)
+    fwd = jax.jit(lambda p, t, s: zoo.lm.forward(graphdef, p, t, s)[1:2])
+    (state,) = jax.block_until_ready(fwd(params, x, state))
+    tok = x[:, :1]
+    (state,) = jax.block_until_ready(fwd(params, tok, state))  # compile the one-token step
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        (state,) = jax.block_until_ready(fwd(params, tok, state))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def fitted_exponents(rows: list[dict], keys=("step_s", "decode_s")) -> list[tuple]:
+    """(model, variant, key, slope of log(time) vs log(seq_len)) for each row kind with 2+ lengths."""
+    out = []
+    for model, variant in dict.fromkeys((r["model"], r["variant"]) for r in rows):
+        sel = [r for r in rows if r["model"] == model and r["variant"] == variant]
+        for key in keys:
+            pts = [(r["seq_len"], r[key]) for r in sel if r.get(key)]
+            if len(pts) >= 2:
+                lx, ly = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+                out.append((model, variant, key, float(np.polyfit(lx, ly, 1)[0])))
     return out
 
 
@@ -85,12 +128,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--baseline", default=None, help="model whose reference is the vs_<baseline> unit")
     ap.add_argument("--only_fast", action="store_true", help="skip reference forms (long lengths)")
+    ap.add_argument("--decode", action="store_true", help="also time one decode step at seq_len")
     ap.add_argument("--out", default=None, help="append JSON rows to this file")
     a = ap.parse_args(argv)
     try:
         names = [n for n in a.models.split(",") if n]
         for n in names:
-            zoo.get(n)
+            zoo.get(split_name(n)[0])
         lens = [int(s) for s in a.seq_lens.split(",")]
         overrides = _parse_set(a.set)
     except (KeyError, ValueError) as e:
@@ -101,10 +145,14 @@ def main(argv=None) -> int:
     for T in lens:
         for n in names:
             ref_time = None
-            for label, cfg in variants(n, overrides):
-                if a.only_fast and label == "reference" and len(zoo.get(n).conformance.fast) > 0:
+            model_name, own = split_name(n)
+            for label, cfg in variants(model_name, {**overrides, **own}):
+                if (a.only_fast and label == "reference"
+                        and len(zoo.get(model_name).conformance.fast) > 0):
                     continue
-                r = measure(n, cfg, a.batch, T, a.steps)
+                r = measure(model_name, cfg, a.batch, T, a.steps)
+                if a.decode:
+                    r["decode_s"] = measure_decode(model_name, cfg, a.batch, T, a.steps)
                 ref_time = ref_time or r["step_s"]
                 if a.baseline == n and T not in base_time:
                     base_time[T] = r["step_s"]
@@ -113,14 +161,16 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"{n:>14} {label:<28} T={T:<6} {r['tokens_per_s']:>10.0f} tok/s  "
                       f"step {r['step_s'] * 1e3:8.1f} ms  compile {r['compile_s']:.1f}s  "
-                      f"x{row['vs_ref']:.2f} vs ref", flush=True)
+                      f"x{row['vs_ref']:.2f} vs ref"
+                      + (f"  decode {r['decode_s'] * 1e3:.2f} ms" if a.decode else ""), flush=True)
     if a.baseline:
         for row in rows:
             if row["seq_len"] in base_time:
                 row[f"vs_{a.baseline}"] = row["step_s"] / base_time[row["seq_len"]]
     print()
     cols = ["model", "variant", "seq_len", "tokens_per_s", "step_s", "vs_ref"] + (
-        [f"vs_{a.baseline}"] if a.baseline else []) + ["temp_mib", "compile_s"]
+        [f"vs_{a.baseline}"] if a.baseline else []) + (["decode_s"] if a.decode else []) + [
+        "temp_mib", "compile_s"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for row in rows:
@@ -129,6 +179,11 @@ def main(argv=None) -> int:
             v = row.get(c)
             cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
         print("| " + " | ".join(cells) + " |")
+    fits = fitted_exponents(rows)
+    if fits:
+        print("\n| model | variant | time | exponent (log time / log seq_len) |\n|---|---|---|---|")
+        for model, variant, key, slope in fits:
+            print(f"| {model} | {variant} | {key} | {slope:.2f} |")
     if a.out:
         with open(a.out, "a") as f:
             for row in rows:

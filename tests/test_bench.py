@@ -16,3 +16,16 @@ def test_bench_rows_and_errors(tmp_path, capsys):
     assert "| transformer | reference | 16 |" in capsys.readouterr().out
     assert bench.main(["--models=nope"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
+
+
+def test_bench_model_overrides_decode_and_fitted_exponents():
+    """`name@key=value+...` overrides, the decode latency, and log-log slopes (exactly 1 and 2
+    for times proportional to T and T^2)."""
+    assert bench.split_name("rat@chunk=16+pe=none") == ("rat", {"chunk": 16, "pe": "none"})
+    assert bench.split_name("transformer") == ("transformer", {})
+    rows = [{"model": "a", "variant": "v", "seq_len": T, "step_s": 3e-3 * T, "decode_s": 1e-6 * T * T}
+            for T in (1024, 2048, 4096)]
+    fits = {k: s for _, _, k, s in bench.fitted_exponents(rows)}
+    assert abs(fits["step_s"] - 1.0) < 1e-9 and abs(fits["decode_s"] - 2.0) < 1e-9
+    cfg = bench.variants("rat", {"dim": 16, "n_layers": 1, "chunk": 4})[-1][1]
+    assert bench.measure_decode("rat", cfg, batch=1, seq_len=6, steps=1) > 0
