@@ -43,8 +43,8 @@ def test_reference_is_the_rule(decay):
         np.testing.assert_allclose(S[0, h], St, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("T,block,init,decay", [(1, 4, True, True), (13, 4, False, True),
-                                                (21, 8, True, True), (11, 4, True, False)])
+@pytest.mark.parametrize("T,block,init,decay", [(1, 4, True, True), (21, 8, False, True),
+                                                (11, 4, True, False)])
 def test_chunked_equals_reference_float64(T, block, init, decay):
     with jax.enable_x64():
         q, k, v, g, S0 = _inputs(jax.random.key(T), 2, T, 2, 5, 3, jnp.float64, init, decay)
