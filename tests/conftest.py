@@ -14,3 +14,18 @@ from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist's `--dist loadgroup`, keep one model's conformance tests on one worker so
+    they share that model's cached builds and compiled steps (`test_conformance`'s lru_caches);
+    every other test file stays together as its own group (its module fixtures compile once)."""
+    import pytest
+
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if item.module.__name__.endswith("test_conformance") and callspec is not None:
+            group = f"conformance-{callspec.params.get('name')}"
+        else:
+            group = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
