@@ -32,7 +32,15 @@ Titans LMM and Yaad use their deep (MLP) memories (4 and 8 heads, chunk 8); Omeg
 ran at ~790 tok/s here); ATLAS is the same plus momentum and Newton-Schulz (2.4 s per batch-16
 step at this width on this CPU: not in `PAIRS`, run it on an accelerator with `--all_pairs`).
 
-`PAIRS` lists the (task, model) cells the default invocation trains; `CLAIMS` the paper claims the
+Linear memories (linear attention, GLA, DeltaNet, Gated DeltaNet) at 2 heads, Gated DeltaNet at
+head dim 64 with expand_v 1 (8,192 state floats per layer), MoM (GDN and linear attention) over 3
+routed memories (top 2) + the shared one of 2 heads x 32 x 32 (also 8,192): MoM against its base at
+equal recurrent-state bytes (measured: 32,768 memory bytes per layer each; the short-conv
+caches add 4,608 for GDN and 9,216 for MoM's per-memory convs); RAT at chunk 8 (8 chunks of the MQAR sequence) and, for the chunk
+trade-off on text, chunk 32 (`rat_l32`); the RAT hybrid with a 16-token window; GAM with 64 slots
+(its receptive field is N(k-1)+1 = 5 tokens: tasks.md §1 expects MQAR only above chance within it).
+
+`PAIRS` lists the (task, model label) cells the default invocation trains; `CLAIMS` the paper claims the
 table tests (docs/results.md states each held / not held / not testable here, with its cells).
 """
 from dataclasses import dataclass
@@ -82,6 +90,8 @@ METRICS = {
 }
 PRIMARY = {"mqar": "acc", "passkey": "acc@128", "text": "bpb"}
 
+# label -> the model's own settings; "model" names the registry entry when the label is not one
+# (a second configuration of a family, e.g. RAT at another chunk size).
 MODELS = {
     "transformer": dict(n_heads=2, ffn="swiglu", max_len=512),
     "mamba": dict(d_state=16),
@@ -91,10 +101,27 @@ MODELS = {
     "atlas": dict(n_heads=8, chunk=8, window=8, memory="linear"),
     "omeganet": dict(n_heads=8, chunk=8, window=8, memory="linear"),
     "yaad": dict(n_heads=8, chunk=8),
+    # the linear memories at 2 heads of 64 x 64 (8,192 state floats per layer) and MoM over 3
+    # memories + the shared one of 2 heads of 32 x 32 each (also 8,192): MoM against its base at
+    # equal recurrent-state bytes (mom.md §5.2's comparison)
+    "linear_attention": dict(n_heads=2),
+    "gla": dict(n_heads=2),
+    "deltanet": dict(n_heads=2),
+    "gated_deltanet": dict(n_heads=2, head_dim=64, expand_v=1),
+    "mom_gated_deltanet": dict(n_heads=2, head_dim=32, n_memories=3, top_k=2),
+    "mom_linear_attention": dict(n_heads=2, head_dim=32, n_memories=3, top_k=2),
+    "rat": dict(n_heads=2, n_groups=2, chunk=8, max_len=512),
+    "rat_l32": dict(model="rat", n_heads=2, n_groups=2, chunk=32, max_len=512),
+    "rat_hybrid": dict(n_heads=2, n_groups=2, chunk=8, window=16, max_len=512),
+    "gam": dict(n_slots=64, max_len=256),
 }
+# per-model training settings beside the task's (MoM: the Switch load-balancing weight of
+# configs/mom.py)
+MODEL_TRAIN = {m: {"aux_weights.load_balance": 1e-3}
+               for m in ("mom_gated_deltanet", "mom_linear_attention")}
 ACCEPTED = tuple(f"{t}-{m}" for t in TASKS for m in MODELS)
-PAIRS = (tuple(f"mqar-{m}" for m in MODELS if m != "atlas")
-         + tuple(f"text-{m}" for m in ("transformer", "mamba", "mamba2", "lssl"))
+PAIRS = (tuple(f"mqar-{m}" for m in MODELS if m not in ("atlas", "rat_l32"))
+         + tuple(f"text-{m}" for m in ("transformer", "mamba", "mamba2", "lssl", "rat", "rat_l32"))
          + tuple(f"passkey-{m}" for m in ("transformer", "mamba", "titans_lmm", "omeganet", "yaad")))
 # tests/test_configs.py eval_shapes every listed variant; the other models differ only in the
 # model section, which the conformance suite covers, so one model per task is listed (CI time).
@@ -138,10 +165,13 @@ CLAIMS = (
     Claim("memory-niah", "Memory models beyond their training length on RULER S-NIAH",
           "titans.md, atlas.md (RULER)", untestable="S-NIAH needs byte-level training on long "
           "English haystacks (thousands of tokens per example), beyond this CPU's per-cell budget"),
-    Claim("mom-over-base", "MoM above its base memory at equal recurrent-state bytes",
-          "mom.md §5.2", untestable="MoM is not in the zoo yet (issue: MoM and linear memories)"),
-    Claim("rat-chunk", "RAT's chunk size trades speed against accuracy", "rat.md headline",
-          untestable="RAT is not in the zoo yet (issue: RAT and GAM)"),
+    Claim("mom-over-base", "MoM above its base memory at equal recurrent-state bytes per layer "
+          "(MQAR)", "mom.md §5.2",
+          checks=((_c("mqar", "mom_gated_deltanet"), ">", _c("mqar", "gated_deltanet")),
+                  (_c("mqar", "mom_linear_attention"), ">", _c("mqar", "linear_attention")))),
+    Claim("rat-chunk", "RAT's chunk trades quality for speed: a smaller chunk models text better "
+          "(lower bits per byte; the speed side is docs/rat_bench.md)", "rat.md headline",
+          checks=((_c("text", "rat"), "<", _c("text", "rat_l32")),)),
 )
 
 
@@ -150,9 +180,11 @@ def get_config(arg=None):
     if arg not in ACCEPTED:
         raise ValueError(f"unknown variant {arg!r} of configs/results.py (known: <task>-<model> with "
                          f"task in {', '.join(TASKS)} and model in {', '.join(MODELS)})")
-    task_name, name = arg.split("-", 1)
+    task_name, label = arg.split("-", 1)
     task = TASKS[task_name]
-    model = C.model_section(name, dim=128, n_layers=2, vocab_size=None, **MODELS[name])
+    settings = dict(MODELS[label])
+    name = settings.pop("model", label)
+    model = C.model_section(name, dim=128, n_layers=2, vocab_size=None, **settings)
     c = C.base_config(model)
     c.train.lr = task.rates[len(task.rates) // 2]
     c.train.weight_decay = 0.0
@@ -165,4 +197,7 @@ def get_config(arg=None):
     c.eval.early_stop_accuracy = EARLY_STOP if task.select == "val_accuracy" else 0.0
     for k, v in task.data.items():
         c.data[k] = v
+    for k, v in MODEL_TRAIN.get(label, {}).items():
+        section, _, key = k.partition(".")
+        c.train[section][key] = v
     return c

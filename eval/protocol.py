@@ -199,13 +199,14 @@ def run_cell(proto, cell: Cell, runs: str, overrides, log,
     if val is None:
         return None
     resolved, model_cfg = C.resolve(cfg)
-    rec = {"task": cell.task, "model": cell.model, "lr": cell.lr, "seed": cell.seed,
+    name = str(resolved.model.name)      # the registry entry (a label may name a second config)
+    rec = {"task": cell.task, "model": cell.model, "name": name, "lr": cell.lr, "seed": cell.seed,
            "train_wall_s": wall, "step": int(val["step"]),
            "val": {k: v for k, v in val.items() if k.startswith("val_")},
            "test": score(proto, cell, run_dir, int(val["step"]), RunDir(run_dir).eval_path,
                          n_examples),
-           "params": param_count(cell.model, model_cfg),
-           "state_bytes_per_layer": state_bytes(cell.model, model_cfg,
+           "params": param_count(name, model_cfg),
+           "state_bytes_per_layer": state_bytes(name, model_cfg,
                                                 int(resolved.data.seq_len)),
            "config": _config_json(run_dir)}
     with open(rec_path + ".tmp", "w") as f:

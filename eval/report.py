@@ -138,7 +138,7 @@ def plots(stem, proto, cells, chosen) -> list[str]:
     pts = [(m, cells[("mqar", m)]) for (t, m) in sorted(cells) if t == "mqar" and cells[(t, m)]]
     if not pts:
         return []
-    fam = {m: zoo.get(m).family for m, _ in pts}
+    fam = {m: zoo.get(recs[0].get("name", m)).family for m, recs in pts}
     colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(sorted(set(fam.values())))}
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, recs in pts:
@@ -167,7 +167,8 @@ def plots(stem, proto, cells, chosen) -> list[str]:
             ys = [seed_stats(recs, chosen[("mqar", m)], "acc" if k == base_kv else f"acc@kv{k}")
                   for k in kvs]
             ax.plot(kvs, [y[0] if y else float("nan") for y in ys], "o-", label=m)
-        ax.set(title=f, xlabel="key-value pairs (T = 64)", xscale="log", ylim=(-0.02, 1.02))
+        ax.set(title=f, xlabel=f"key-value pairs (T = {proto.TASKS['mqar'].data['seq_len']})",
+               xscale="log", ylim=(-0.02, 1.02))
         ax.set_xticks(kvs, [str(k) for k in kvs])
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("MQAR accuracy (test)")
