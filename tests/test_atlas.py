@@ -218,8 +218,12 @@ def test_atlas_mlp_chunked_equals_reference_with_window_longer_than_chunk():
     memory are the conformance suite's check (tiny Atlas config, b = 3, c = 4, T = 13)."""
     kw = dict(memory="mlp", memory_init_std=None, chunk=3, window=5, lr_max=0.3)
     x = xs(6)
+    # atol 5e-5 as Atlas's conformance entry, for its reason: five Newton-Schulz steps amplify
+    # float32 rounding differences between the token loop and the chunk-parallel form (measured
+    # here: 1.8e-5 on one of 176 outputs when XLA's backend runs at optimisation level 0, as the
+    # test suite does, tests/conftest.py; 1e-5 held at level 2)
     np.testing.assert_allclose(fwd(make(impl="reference", **kw), x),
-                               fwd(make(impl="chunked", **kw), x), rtol=1e-4, atol=1e-5)
+                               fwd(make(impl="chunked", **kw), x), rtol=1e-4, atol=5e-5)
 
 
 def test_atlas_chunked_loop_runs_over_chunks_not_tokens():

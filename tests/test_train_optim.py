@@ -2,6 +2,8 @@
 warmup + cosine schedule, clipping, weight-decay mask, mixed precision / remat by name, MFU
 FLOP count against XLA on unscanned code, and a short training run that learns."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,18 +47,26 @@ def _train_cfg(**kw):
     return t
 
 
-@pytest.mark.parametrize("accum", [2, 4])
-def test_grad_accumulation_equals_big_batch(accum):
+@functools.lru_cache(maxsize=None)
+def _big_batch_step():
+    """The big-batch step and gradient that every accumulation case compares against (computed
+    once for all of them)."""
     model = _model()
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     opt = optim.make_optimizer(_train_cfg())
     batch = _batch()
     big = jax.jit(T.make_train_step(graphdef, opt, grad_accum=1))
-    acc = jax.jit(T.make_train_step(graphdef, opt, grad_accum=accum))
     # the big-batch gradient itself, for a direct comparison
-    g_ref = jax.grad(lambda p: lm.loss(graphdef, p, batch)[0])(params)
+    g_ref = jax.jit(jax.grad(lambda p: lm.loss(graphdef, p, batch)[0]))(params)
     p1, _, _, m1 = big(params, opt.init(params), jnp.int32(0), batch)
+    return graphdef, params, opt, batch, g_ref, p1, m1
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_grad_accumulation_equals_big_batch(accum):
+    graphdef, params, opt, batch, g_ref, p1, m1 = _big_batch_step()
+    acc = jax.jit(T.make_train_step(graphdef, opt, grad_accum=accum))
     p2, _, _, m2 = acc(params, opt.init(params), jnp.int32(0), batch)
     np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
     np.testing.assert_allclose(m2["ce_sum"], m1["ce_sum"], rtol=1e-6)
