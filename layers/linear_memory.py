@@ -99,6 +99,19 @@ def _conv(x: Array, w: Array | None, cache: Array, mask: Array, starts: Array):
     return jax.nn.silu(y), cache
 
 
+def read_out(p: dict[str, Array | None], o: Array, x: Array, norm_eps: float) -> Array:
+    """The memory read o [B, T, H, dv] -> [B, T, D] (mom.md §2.6): per-head RMSNorm, gated by
+    SiLU(x W_G) when the layer has an output gate (`g_proj`), then the output projection."""
+    B, T, H, dv = o.shape
+    if p["g_proj"] is None:
+        y = rms_norm(o, p["norm"], norm_eps)
+    else:
+        z = jnp.einsum("btd,de->bte", x, p["g_proj"].astype(x.dtype)).reshape(B, T, H, dv)
+        y = gated_rms_norm(o, z, p["norm"], norm_eps, norm_before_gate=True)
+    y = y.reshape(B, T, H * dv).astype(x.dtype)
+    return jnp.einsum("bte,ed->btd", y, p["o_proj"].astype(y.dtype))
+
+
 @functools.partial(jax.jit, static_argnames=("kind", "n_heads", "feature_map_name", "normalize",
                                              "norm_eps", "resets", "impl", "block"))
 def linear_memory_mixer(p: dict[str, Array | None], x: Array, state: LinearMemoryState,
@@ -116,7 +129,6 @@ def linear_memory_mixer(p: dict[str, Array | None], x: Array, state: LinearMemor
     B, T, _ = x.shape
     H = n_heads
     dk = p["q_proj"].shape[1] // H
-    dv = p["v_proj"].shape[1] // H
     proj = lambda name: jnp.einsum("btd,de->bte", x, p[name].astype(x.dtype))  # noqa: E731
     q, cq = _conv(proj("q_proj"), p["conv_q"], state.conv_q, mask, starts)
     k, ck = _conv(proj("k_proj"), p["conv_k"], state.conv_k, mask, starts)
@@ -162,13 +174,7 @@ def linear_memory_mixer(p: dict[str, Array | None], x: Array, state: LinearMemor
                                                impl=impl, block=block)
         else:
             o, S = gla(q, k, v, g, scale=scale, initial_state=S0, impl=impl, block=block)
-    if p["g_proj"] is None:
-        y = rms_norm(o, p["norm"], norm_eps)
-    else:
-        z = jnp.einsum("btd,de->bte", x, p["g_proj"].astype(x.dtype)).reshape(B, T, H, dv)
-        y = gated_rms_norm(o, z, p["norm"], norm_eps, norm_before_gate=True)
-    y = y.reshape(B, T, H * dv).astype(x.dtype)
-    out = jnp.einsum("bte,ed->btd", y, p["o_proj"].astype(y.dtype))
+    out = read_out(p, o, x, norm_eps)
     return out, LinearMemoryState(conv_q=cq, conv_k=ck, conv_v=cv, memory=S, pos=state.pos)
 
 

@@ -47,6 +47,7 @@ from layers.linear_memory import (
     feature_map,
     memory_state_flops,
     normalized_linear_attention,
+    read_out,
     xavier_dense,
 )
 from layers.mom_layout import (
@@ -57,7 +58,7 @@ from layers.mom_layout import (
     n_chunks,
     to_chunks,
 )
-from layers.norms import gated_rms_norm, l2_norm, rms_norm
+from layers.norms import l2_norm
 from layers.router import TopKRouter, route, router_flops, switch_stats
 from layers.ssm import dt_bias_init
 from pallas_kernels.gated_delta import gated_delta
@@ -196,13 +197,7 @@ def mom_mixer(p: dict, x: Array, state: MoMState, mask: Array, starts: Array, *,
         final = [jnp.where(keep.reshape(keep.shape + (1,) * (a.ndim - 2)), a, 0) for a in final]
     oc = gather_copies(from_chunks(o), lay.copy_pos)                     # [B, T, S, H, dv]
     y = jnp.einsum("btshv,bts->bthv", oc, w)
-    if p["g_proj"] is None:
-        y = rms_norm(y, p["norm"], norm_eps)
-    else:
-        z = jnp.einsum("btd,de->bte", x, p["g_proj"].astype(x.dtype)).reshape(B, T, H, dv)
-        y = gated_rms_norm(y, z, p["norm"], norm_eps, norm_before_gate=True)
-    y = y.reshape(B, T, H * dv).astype(x.dtype)
-    out = jnp.einsum("bte,ed->btd", y, p["o_proj"].astype(y.dtype))
+    out = read_out(p, y, x, norm_eps)
     cq, ck, cv = jnp.split(final[1], [H * dk, 2 * H * dk], axis=-1)
     new = MoMState(memory=final[0], conv_q=cq, conv_k=ck, conv_v=cv, pos=state.pos)
     return out, new, aux
