@@ -33,14 +33,8 @@ from flax import nnx
 
 from layers.common import param
 from layers.linear import Dense
-from layers.memory import (
-    NeuralMemory,
-    NeuralMemoryConfig,
-    memory_shapes,
-    neural_memory_flops,
-    neural_memory_param_count,
-    signal_of,
-)
+from layers.memory import NeuralMemory, NeuralMemoryConfig, memory_shapes, signal_of
+from layers.memory_counts import neural_memory_flops, neural_memory_param_count
 
 Array = jax.Array
 

@@ -30,14 +30,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.common import param
-from layers.memory import (
-    NeuralMemory,
-    NeuralMemoryConfig,
-    memory_shapes,
-    memory_weight_count,
-    neural_memory_flops,
-    neural_memory_param_count,
-)
+from layers.memory import NeuralMemory, NeuralMemoryConfig, memory_shapes
+from layers.memory_counts import memory_weight_count, neural_memory_flops, neural_memory_param_count
 
 Array = jax.Array
 

@@ -56,7 +56,7 @@ def gate_combine(y, m, w_y, w_m, eps):
 # ----------------------------------------------------------------------------- FLOPs
 # Forward FLOPs per token of the hosts in the convention of `zoo.lm` (2 per multiply-add; norms,
 # gates, RoPE, softmax and masks are elementwise), around a memory whose own forward FLOPs per
-# token (`memory`, e.g. `layers.memory.neural_memory_flops`) the caller supplies.
+# token (`memory`, e.g. `layers.memory_counts.neural_memory_flops`) the caller supplies.
 
 
 def prefixed_memory_flops(memory: float, *, n_persistent: int, seq_len: int) -> float:
@@ -91,7 +91,7 @@ def mac_mixer_flops(memory: float, retrieval: float, *, dim: int, n_heads: int, 
     """Forward FLOPs per token of `MACMixer` (titans.md §3.4) on a call of `seq_len` tokens, as
     the implementation pads it: `mac_pieces` pieces of C = `segment` tokens (padding included),
     each doing per token the retrieval (`retrieval`: the memory's query path and a read without
-    write; `layers.memory.memory_qkv_flops` + `memory_read_flops`), W_h [retrieval_dim, D], the
+    write; `layers.memory_counts.memory_qkv_flops` + `memory_read_flops`), W_h [retrieval_dim, D], the
     attention projections W_q x, W_k [h; x], W_v [h; x] and W_o, the attention over the
     N_p + 2C + 2C keys [P; cache; h; x] (`attention_mixer_flops`; the cache's 2C slots are
     computed and masked in a fresh call), and the memory written from y (`memory`); and per

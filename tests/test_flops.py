@@ -11,7 +11,7 @@ Tolerance (`ConformanceSpec.flops_range`, default 0.95-1.4): XLA also counts the
 work (norms, activations, gates, softmax, masks and the cross-entropy) that the analytic count
 leaves out, so XLA's number may exceed the declared one by up to 40 %; it may not fall short of
 it by more than 5 % (products the count claims but the model does not do). Models whose FLOPs
-are mostly the neural memory's use `layers.memory.XLA_FLOPS_RANGE` (0.95-1.85), for the measured
+are mostly the neural memory's use `layers.memory_counts.XLA_FLOPS_RANGE` (0.95-1.85), for the measured
 reason written beside it (the reference op's selects on every memory weight).
 """
 from __future__ import annotations

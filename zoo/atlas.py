@@ -38,7 +38,8 @@ from flax import nnx
 from layers.atlas import AtlasMemory
 from layers.common import check_block, check_impl
 from layers.deep_transformer import DeepTransformerMixer, deep_transformer_mixer_flops
-from layers.memory import XLA_FLOPS_RANGE, NeuralMemoryConfig
+from layers.memory import NeuralMemoryConfig
+from layers.memory_counts import XLA_FLOPS_RANGE
 from layers.mlp import llama_ffn_dim
 from layers.norms import RMSNorm
 from zoo.lm import (
@@ -137,7 +138,7 @@ class MemoryLMConfig:
 
     def flops(self, seq_len: int) -> float:
         """Training FLOPs per token (`zoo.lm`'s convention): 3 x (n_layers x [the mixer's
-        forward FLOPs (its class's `flops`, e.g. `layers.memory.neural_memory_flops` with the
+        forward FLOPs (its class's `flops`, e.g. `layers.memory_counts.neural_memory_flops` with the
         variant's parts) + the SwiGLU's 6 D F] + the head's 2 D V). Independent of `seq_len`:
         the memory's work per token is."""
         del seq_len

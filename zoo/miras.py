@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 from flax import nnx
 
-from layers.memory import XLA_FLOPS_RANGE, NeuralMemoryConfig
+from layers.memory import NeuralMemoryConfig
+from layers.memory_counts import XLA_FLOPS_RANGE
 from layers.miras import MemoraMemory, MonetaMemory, YaadMemory
 from zoo.atlas import MemoryLMConfig
 from zoo.registry import ConformanceSpec, register

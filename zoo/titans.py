@@ -26,10 +26,9 @@ from flax import nnx
 
 from layers.attention import Attention, attention_mixer_flops
 from layers.common import check_block, check_impl
-from layers.memory import (
+from layers.memory import NeuralMemory, NeuralMemoryConfig
+from layers.memory_counts import (
     XLA_FLOPS_RANGE,
-    NeuralMemory,
-    NeuralMemoryConfig,
     memory_qkv_flops,
     memory_read_flops,
     neural_memory_flops,
