@@ -1,5 +1,5 @@
 """Test setup: 8 virtual CPU devices before any JAX operation, absl flags parsed, XLA's backend
-at optimisation level 0 (below).
+at optimisation level 0 and its classic CPU emitters (below).
 
 No persistent compilation cache: writing one segfaulted inside jax's `put_executable_and_time`
 (serialising an XLA:CPU executable: Titans MAC's packed forward with its `lax.cond`) during a
@@ -13,9 +13,12 @@ import os
 # tests/test_train_optim.py 67 -> 46 s. Every assertion compares programs compiled the same way
 # or against committed fixtures, at unchanged tolerances. The subprocesses that tests start
 # (`python -m train`, the two-process run) inherit it.
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_backend_optimization_level=0").strip()
+# XLA:CPU's newer MLIR fusion emitters off (`--xla_cpu_use_fusion_emitters=false`: the classic
+# LLVM-IR emitters): compiling Titans MAC's chunked value-and-grad step 10.5 -> 5.0 s, its whole
+# conformance set about 2x faster (measured; same assertions, same tolerances).
+for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 import jax  # noqa: E402
 
