@@ -262,7 +262,8 @@ def test_learned_position_limit(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_validate_rejects_unknown_or_missing_implementation(name):
     """One `impl` per model: an unknown value, or a kernel one of the model's ops lacks, and a
-    bad `block` fail in `validate()` with one line naming the key (before anything compiles)."""
+    bad `block` fail in `validate()` with one line naming the key (before anything compiles);
+    so does a zero size (`zoo.registry.check_config`)."""
     cfg = spec_of(name).config
     fields = {f.name for f in dataclasses.fields(cfg)}
     assert "impl" in fields, f"{name}: no `impl` field (one implementation choice per model)"
@@ -277,3 +278,22 @@ def test_validate_rejects_unknown_or_missing_implementation(name):
     if "block" in fields:
         with pytest.raises(ValueError, match=r"^model\.block=0 must be"):
             dataclasses.replace(cfg, block=0).validate()
+    # the shared sizes (zoo.registry.SIZE_FIELDS), checked before the config's own validate():
+    # n_heads=0 was a ZeroDivisionError inside validate() for 13 entries, vocab_size=0 an
+    # IndexError at trace time for all
+    for key in sorted(fields & set(zoo.registry.SIZE_FIELDS)):
+        with pytest.raises(ValueError, match=rf"^model\.{key}=0 must be a positive integer"):
+            zoo.registry.check_config(name, dataclasses.replace(cfg, **{key: 0}))
+    zoo.registry.check_config(name, cfg)
+
+
+@pytest.mark.parametrize("name", ["transformer", "titans_mac", "titans_mag", "titans_mal", "rat",
+                                  "rat_hybrid", "swdt", "deep_transformer"])
+def test_odd_rope_head_dim_rejected_before_build(name):
+    """A width of n_heads x (head dim - 1), an odd head dim: one line naming the key from
+    `zoo.registry.check_config`, not a ValueError from inside RoPE at trace time."""
+    cfg = spec_of(name).config
+    hd = cfg.dim // cfg.n_heads
+    assert hd % 2 == 0
+    with pytest.raises(ValueError, match=r"^model\.dim=\d+ .*RoPE needs an even head dim"):
+        zoo.registry.check_config(name, dataclasses.replace(cfg, dim=cfg.n_heads * (hd - 1)))

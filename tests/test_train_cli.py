@@ -13,6 +13,8 @@ from train import config as C
     (["--config=configs/does_not_exist.py"], "does_not_exist.py"),
     (["--config=configs/mqar.py:nonsense"], "nonsense"),
     (["--config.data.source=text", "--config.data.path=/nonexistent/file.txt"], "/nonexistent/file.txt"),
+    # an odd head dim under RoPE (130 / 2 heads): was a JAX traceback at trace time
+    (["--config.model.dim=130"], "RoPE needs an even head dim"),
 ])
 def test_bad_config_one_line_and_nonzero_exit(args, expect):
     r = run_cli(args, timeout=120)
@@ -32,6 +34,7 @@ def test_bad_config_one_line_and_nonzero_exit(args, expect):
     ("mesh.distributed", "maybe", "mesh.distributed"),
     ("data.num_kv_pairs", 100, "data.num_kv_pairs"),
     ("model.name", "nonexistent_model", "model.name='nonexistent_model'"),
+    ("model.n_heads", 0, "model.n_heads=0 must be a positive integer"),
 ])
 def test_resolve_rejects_impossible_values(key, value, expect):
     cfg = tiny_cfg("/tmp/unused")

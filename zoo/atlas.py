@@ -267,7 +267,8 @@ class DeepTransformerConfig:
         if self.window is not None and self.window < 1:
             raise ValueError(f"model.window={self.window} must be >= 1 (tokens kept, c)")
         if (self.dim // self.n_heads) % 2:
-            raise ValueError("RoPE needs an even head dim")
+            raise ValueError(f"model.dim={self.dim} / model.n_heads={self.n_heads} gives head dim "
+                             f"{self.dim // self.n_heads}: RoPE needs an even head dim")
 
     @property
     def hd(self) -> int:

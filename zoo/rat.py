@@ -53,8 +53,9 @@ class RATConfig:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of "
                              f"model.n_groups={self.n_groups}")
         if (self.dim // self.n_heads) % 2 and self.pe == "inter_rope":
-            raise ValueError(f"model.dim / model.n_heads = {self.dim // self.n_heads} must be "
-                             f"even for RoPE")
+            raise ValueError(f"model.dim={self.dim} / model.n_heads={self.n_heads} gives head dim "
+                             f"{self.dim // self.n_heads}: RoPE needs an even head dim (or "
+                             f"model.pe='none')")
         for key, val in (("chunk", self.chunk), ("window", self.window), ("max_len", self.max_len)):
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"model.{key}={val!r} must be an integer >= 1")

@@ -5,6 +5,12 @@
 
 `zoo.build(name, cfg, rngs)`; `zoo.names()`; `zoo.make_config(name, overrides)` turns a mapping
 (e.g. an ml_collections section) into the typed config, naming any unknown key.
+
+`check_config(name, cfg)` (run by `make_config` and `build`, so by the trainer's resolution before
+anything compiles) is every check a config gets: the sizes every family shares (`SIZE_FIELDS`:
+positive integers where present), the config's own `validate()`, then the entry's `check`
+(what depends on the entry rather than the config class, e.g. that a Titans hybrid's attention
+heads can carry RoPE). Each failure is one ValueError line naming the key.
 """
 from __future__ import annotations
 
@@ -49,6 +55,7 @@ class Entry:
     flops: Callable[[Any, int], float] | None = None
     conformance: ConformanceSpec | None = None
     family: str = ""
+    check: Callable[[Any], None] | None = None
 
 
 _REGISTRY: dict[str, Entry] = {}
@@ -58,12 +65,15 @@ def register(name: str, *, config: type, causal: bool = True, resets: bool = Tru
              max_len: Callable[[Any], int | None] | None = None,
              param_count: Callable[[Any], int] | None = None,
              flops: Callable[[Any, int], float] | None = None,
-             conformance: ConformanceSpec | None = None):
+             conformance: ConformanceSpec | None = None,
+             check: Callable[[Any], None] | None = None):
     """Decorator registering `build(cfg, rngs) -> model` under `name`.
 
     param_count(cfg): the documented parameter count. flops(cfg, seq_len): the analytic
     training FLOPs per token (forward + backward of every product, scans and state updates
     included; `zoo.lm` has the shared pieces), checked against XLA by tests/test_flops.py.
+    check(cfg): raises ValueError (one line naming the key) for what this entry cannot build
+    beyond `cfg.validate()`.
     """
     def deco(fn):
         if name in _REGISTRY:
@@ -71,7 +81,7 @@ def register(name: str, *, config: type, causal: bool = True, resets: bool = Tru
         _REGISTRY[name] = Entry(name=name, config_cls=config, build=fn, causal=causal,
                                 resets=resets, max_len=max_len or (lambda cfg: None),
                                 param_count=param_count, flops=flops, conformance=conformance,
-                                family=fn.__module__.rsplit(".", 1)[-1])
+                                family=fn.__module__.rsplit(".", 1)[-1], check=check)
         return fn
     return deco
 
@@ -96,10 +106,30 @@ def make_config(name: str, overrides: Mapping[str, Any] | None = None, *, prefix
             raise ValueError(f"unknown config key {prefix}.{key} for model {name!r} "
                              f"(known: {', '.join(sorted(known))})")
     cfg = entry.config_cls(**overrides)
+    check_config(name, cfg)
+    return cfg
+
+
+# sizes every family reads the same way: a positive integer wherever the config has the field
+SIZE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "attn_heads", "head_dim",
+               "ffn_dim", "d_state", "n_groups", "n_memories", "top_k", "n_slots", "chunk",
+               "segment")
+
+
+def check_config(name: str, cfg: Any) -> None:
+    """Every check of a model config before anything is built (module docstring)."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    for key in SIZE_FIELDS:
+        value = values.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"model.{key}={value!r} must be a positive integer")
     validate = getattr(cfg, "validate", None)
     if validate is not None:
         validate()
-    return cfg
+    entry = get(name)
+    if entry.check is not None:
+        entry.check(cfg)
 
 
 def build(name: str, cfg: Any = None, rngs: nnx.Rngs | int = 0) -> nnx.Module:
@@ -108,6 +138,8 @@ def build(name: str, cfg: Any = None, rngs: nnx.Rngs | int = 0) -> nnx.Module:
         cfg = entry.config_cls()
     elif isinstance(cfg, Mapping):
         cfg = make_config(name, cfg)
+    else:
+        check_config(name, cfg)
     if isinstance(rngs, int):
         rngs = nnx.Rngs(params=rngs)
     return entry.build(cfg, rngs)

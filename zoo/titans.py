@@ -231,7 +231,16 @@ def mag_flops(cfg: TitansConfig, seq_len: int) -> float:
 _HYBRID = dict(_TINY, memory="linear", chunk=4, window=4, n_persistent=3, max_len=32)
 
 
-@register("titans_mag", config=TitansConfig, param_count=mag_param_count, flops=mag_flops,
+def check_attention(cfg: TitansConfig) -> None:
+    """The hybrids' attention (MAC, MAG, MAL): head dim dim / attention heads, even for RoPE."""
+    hd = cfg.dim // cfg.n_attn_heads
+    if hd % 2:
+        raise ValueError(f"model.dim={cfg.dim} / the {cfg.n_attn_heads} attention heads "
+                         f"(model.attn_heads, default model.n_heads) gives head dim {hd}: RoPE "
+                         f"needs an even head dim")
+
+
+@register("titans_mag", config=TitansConfig, check=check_attention, param_count=mag_param_count, flops=mag_flops,
           conformance=ConformanceSpec(
               config=TitansConfig(**{**_HYBRID, "n_layers": 1}),
               length=13, cuts=(1, 5, 9, 12),
@@ -264,7 +273,7 @@ def mal_flops(cfg: TitansConfig, seq_len: int) -> float:
     return _lm_flops(cfg, [mem] * n_mem + [attn] * (cfg.n_layers - n_mem))
 
 
-@register("titans_mal", config=TitansConfig, param_count=mal_param_count, flops=mal_flops,
+@register("titans_mal", config=TitansConfig, check=check_attention, param_count=mal_param_count, flops=mal_flops,
           conformance=ConformanceSpec(
               config=TitansConfig(**_HYBRID),
               length=13, cuts=(1, 5, 9, 12),
@@ -309,7 +318,7 @@ def mac_flops(cfg: TitansConfig, seq_len: int) -> float:
     return _lm_flops(cfg, [mixer] * cfg.n_layers)
 
 
-@register("titans_mac", config=TitansConfig, param_count=mac_param_count, flops=mac_flops,
+@register("titans_mac", config=TitansConfig, check=check_attention, param_count=mac_param_count, flops=mac_flops,
           conformance=ConformanceSpec(
               config=TitansConfig(**{**_HYBRID, "n_layers": 1, "segment": 8}),
               length=13, cuts=(1, 4, 8, 12),

@@ -61,6 +61,9 @@ class TransformerConfig:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={kv}")
         if self.head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.rope_base is not None and self.hd % 2:
+            raise ValueError(f"model.dim={self.dim} / model.n_heads={self.n_heads} gives head dim "
+                             f"{self.hd}: RoPE needs an even head dim (or model.rope_base=None)")
         for key, val, ok in (("ffn", self.ffn, ("swiglu", "gelu", "none")),
                              ("norm", self.norm, ("rms", "layer")),
                              ("pos_embed", self.pos_embed, ("none", "learned")),
