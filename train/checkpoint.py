@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 import zoo
@@ -31,8 +32,11 @@ def _key_str(k) -> str:
 
 
 def saved_param_shapes(item_dir: str) -> dict:
-    """{path tuple: shape} of the params of a saved state item (from its metadata)."""
-    meta = ocp.StandardCheckpointer().metadata(item_dir)
+    """{path tuple: shape} of the params of a saved state item (from its metadata).
+
+    Read by the item's handler: a Checkpointer's `metadata` looks for the step-level
+    `_CHECKPOINT_METADATA` inside the item directory and logs an absl warning on every load."""
+    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir))
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     params = tree["params"]
