@@ -102,3 +102,10 @@ def call_flags(pos, mask, segment_ids, B: int, T: int):
     starts = doc_starts(segment_ids, B, T)
     _, _, next_pos = token_positions(pos, starts, real)
     return real, starts, next_pos
+
+
+def check_rope_head_dim(head_dim: int, source: str, hint: str = "") -> None:
+    """Config validation: one ValueError line when RoPE would get an odd head dim; `source` says
+    where the head dim comes from (e.g. "model.dim=130 / model.n_heads=2")."""
+    if head_dim % 2:
+        raise ValueError(f"{source} gives head dim {head_dim}: RoPE needs an even head dim{hint}")

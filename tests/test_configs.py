@@ -1,8 +1,8 @@
 """Every config file in configs/ and every variant it lists in its module-level `VARIANTS` tuple
 (configs/README.md) resolves, and `jax.eval_shape` of one train step succeeds: the updated
 parameters keep their shapes, their number is the model's documented formula, and the loss is a
-float32 scalar. Configs that read files get a small generated file
-of the right kind. New config files are picked up automatically.
+float32 scalar. Configs that read files get a small generated file of the right kind. New config
+files are picked up automatically.
 
 The train step is traced at the config's widths, heads, vocabulary, sequence length and batch but
 at most `STEP_LAYERS` layers: tracing is Python work linear in depth (12-24 identical blocks took

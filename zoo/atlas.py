@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from flax import nnx
 
 from layers.atlas import AtlasMemory
-from layers.common import check_block, check_impl
+from layers.common import check_block, check_impl, check_rope_head_dim
 from layers.deep_transformer import DeepTransformerMixer, deep_transformer_mixer_flops
 from layers.memory import NeuralMemoryConfig
 from layers.memory_counts import XLA_FLOPS_RANGE
@@ -266,9 +266,8 @@ class DeepTransformerConfig:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"model.window={self.window} must be >= 1 (tokens kept, c)")
-        if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"model.dim={self.dim} / model.n_heads={self.n_heads} gives head dim "
-                             f"{self.dim // self.n_heads}: RoPE needs an even head dim")
+        check_rope_head_dim(self.dim // self.n_heads,
+                            f"model.dim={self.dim} / model.n_heads={self.n_heads}")
 
     @property
     def hd(self) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from flax import nnx
 
 from layers.attention import Attention, attention_mixer_flops
-from layers.common import check_block, check_impl
+from layers.common import check_block, check_impl, check_rope_head_dim
 from layers.mlp import GeluMLP, SwiGLU, gelu_mlp_flops, swiglu_flops
 from layers.norms import RMSNorm
 from layers.rat import RATMixer, rat_mixer_count, rat_mixer_flops
@@ -52,10 +52,10 @@ class RATConfig:
         if self.n_heads % self.n_groups:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of "
                              f"model.n_groups={self.n_groups}")
-        if (self.dim // self.n_heads) % 2 and self.pe == "inter_rope":
-            raise ValueError(f"model.dim={self.dim} / model.n_heads={self.n_heads} gives head dim "
-                             f"{self.dim // self.n_heads}: RoPE needs an even head dim (or "
-                             f"model.pe='none')")
+        if self.pe == "inter_rope":
+            check_rope_head_dim(self.dim // self.n_heads,
+                                f"model.dim={self.dim} / model.n_heads={self.n_heads}",
+                                " (or model.pe='none')")
         for key, val in (("chunk", self.chunk), ("window", self.window), ("max_len", self.max_len)):
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"model.{key}={val!r} must be an integer >= 1")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from flax import nnx
 
 from layers.attention import Attention, attention_mixer_flops
-from layers.common import check_block, check_impl
+from layers.common import check_block, check_impl, check_rope_head_dim
 from layers.memory import NeuralMemory, NeuralMemoryConfig
 from layers.memory_counts import (
     XLA_FLOPS_RANGE,
@@ -233,11 +233,9 @@ _HYBRID = dict(_TINY, memory="linear", chunk=4, window=4, n_persistent=3, max_le
 
 def check_attention(cfg: TitansConfig) -> None:
     """The hybrids' attention (MAC, MAG, MAL): head dim dim / attention heads, even for RoPE."""
-    hd = cfg.dim // cfg.n_attn_heads
-    if hd % 2:
-        raise ValueError(f"model.dim={cfg.dim} / the {cfg.n_attn_heads} attention heads "
-                         f"(model.attn_heads, default model.n_heads) gives head dim {hd}: RoPE "
-                         f"needs an even head dim")
+    check_rope_head_dim(cfg.dim // cfg.n_attn_heads, f"model.dim={cfg.dim} / the "
+                        f"{cfg.n_attn_heads} attention heads (model.attn_heads, default "
+                        f"model.n_heads)")
 
 
 @register("titans_mag", config=TitansConfig, check=check_attention, param_count=mag_param_count, flops=mag_flops,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from flax import nnx
 
 from layers.attention import Attention, attention_mixer_flops
-from layers.common import check_block, check_impl
+from layers.common import check_block, check_impl, check_rope_head_dim
 from layers.mlp import GeluMLP, SwiGLU, gelu_mlp_flops, llama_ffn_dim, swiglu_flops
 from layers.norms import make_norm
 from zoo.lm import Block, CausalLM, build_lm, causal_keys, lm_flops, lm_param_count
@@ -61,9 +61,10 @@ class TransformerConfig:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={kv}")
         if self.head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
-        if self.rope_base is not None and self.hd % 2:
-            raise ValueError(f"model.dim={self.dim} / model.n_heads={self.n_heads} gives head dim "
-                             f"{self.hd}: RoPE needs an even head dim (or model.rope_base=None)")
+        if self.rope_base is not None:
+            check_rope_head_dim(self.hd, f"model.head_dim={self.head_dim}" if self.head_dim else
+                                f"model.dim={self.dim} / model.n_heads={self.n_heads}",
+                                " (or model.rope_base=None)")
         for key, val, ok in (("ffn", self.ffn, ("swiglu", "gelu", "none")),
                              ("norm", self.norm, ("rms", "layer")),
                              ("pos_embed", self.pos_embed, ("none", "learned")),
