@@ -221,16 +221,25 @@ def _main(argv) -> int:
                 for setting in settings:
                     units.append((plan, run, step, task, setting))
 
+    from train.rundir import CorruptCheckpoint
     failures = 0
     loaded: tuple | None = None
+    corrupt: set = set()       # (run dir, step) skipped: one line each, the sweep goes on
     bar = tqdm(units, desc="eval", unit="unit", disable=args.no_progress, file=sys.stderr)
     for plan, run, step, task, setting in bar:
         if not args.force and plan.store.has(plan.name, step, task.name, setting.name):
+            continue
+        if (plan.run_dir, step) in corrupt:
             continue
         bar.set_postfix_str(f"{plan.name}@{step} {task.name} {setting.name}", refresh=False)
         if loaded is None or loaded[0] != (plan.run_dir, step):
             try:
                 name, model_cfg, graphdef, params = plan.run.restore_params(step, mesh=mesh)
+            except CorruptCheckpoint as e:
+                failures += 1
+                corrupt.add((plan.run_dir, step))
+                tqdm.write(f"eval: skipping {plan.name}@{step}: {_one_line(e)}", file=sys.stderr)
+                continue
             except (FileNotFoundError, ValueError, KeyError) as e:
                 raise EvalError(_one_line(e)) from None
             model = Model(graphdef, params, vocab_size=int(model_cfg.vocab_size),

@@ -121,7 +121,8 @@ def test_sigterm_saves_and_exits(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-u", "-m", "train", *TINY_FLAGS, "--config.train.steps=100000",
          "--config.train.log_every=1", "--config.checkpoint.every=100000",
-         "--config.train.compilation_cache_dir=", f"--config.checkpoint.dir={run}"],
+         "--config.train.compilation_cache_dir=", "--config.checkpoint.preempt_deadline_s=20",
+         f"--config.checkpoint.dir={run}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
@@ -133,8 +134,10 @@ def test_sigterm_saves_and_exits(tmp_path):
             lines.append(line)
             if line.startswith("step") and "/100000" in line:
                 proc.send_signal(signal.SIGTERM)
+                t_sent = time.time()
                 break
         out, _ = proc.communicate(timeout=120)
+        waited = time.time() - t_sent
         text = "".join(lines) + out
         assert proc.returncode == 0, text[-2000:]
     finally:
@@ -143,6 +146,9 @@ def test_sigterm_saves_and_exits(tmp_path):
             proc.wait()
     saved = [ln for ln in text.splitlines() if ln.startswith("SIGTERM: saved step")]
     assert saved, text[-2000:]
+    # within the configured deadline (the process' exit, as the test saw it, included)
+    assert "checkpoint.preempt_deadline_s 20" in saved[0] and waited < 20, (waited, saved)
+    assert "warning" not in text
     k = int(saved[0].split()[3])
     assert 1 <= k < 100000
     assert RunDir(run).steps() == [k]

@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 from train import config as C
 from train import sharding as sh
 from train import trainer as T
+from train.guard import init_guard
 
 
 def _cfg(mesh_shape):
@@ -41,9 +42,12 @@ def _one_step(mesh_shape, devices, host_params, batch):
     params = jax.device_put(host_params, s.param_shardings)
     opt_state = jax.jit(s.opt.init, out_shardings=s.opt_shardings)(params)
     step = jax.device_put(np.int32(0), NamedSharding(s.mesh, P()))
-    params, opt_state, step, m = tr.step_fn(params, opt_state, step, T.to_global(batch, s.mesh, s.batch_spec))
-    params, opt_state, step, m2 = tr.step_fn(params, opt_state, step,
-                                             T.to_global(_batch(1), s.mesh, s.batch_spec))
+    guard = jax.device_put(init_guard(1), NamedSharding(s.mesh, P()))
+    params, opt_state, step, guard, m = tr.step_fn(params, opt_state, step, guard,
+                                                   T.to_global(batch, s.mesh, s.batch_spec))
+    params, opt_state, step, guard, m2 = tr.step_fn(params, opt_state, step, guard,
+                                                    T.to_global(_batch(1), s.mesh, s.batch_spec))
+    assert int(guard["skipped"]) == 0
     return s, params, opt_state, (float(m["loss"]), float(m2["loss"]))
 
 

@@ -2,7 +2,9 @@
 
 With no --config the built-in default runs (train.config.default_config(): MQAR, 8 key-value
 pairs in 64 tokens, vocabulary 128, a 2-layer attention-only Transformer, dim 128). A bad config (unknown key,
-impossible value, missing file) prints one line and exits with status 2 before anything compiles.
+impossible value, missing file, an unwritable or full checkpoint directory) prints one line and
+exits with status 2 before anything compiles; a run stopped by a fault (train.nonfinite=stop, a
+final checkpoint that could not be written) prints one line and exits with status 3.
 
 The config file is executed once (here, before absl parses the flags; the --config.* overrides
 are then applied by ml_collections to that config) and the config is resolved once, before JAX
@@ -116,6 +118,9 @@ def main(argv) -> None:
         trainer.Trainer(cfg, model_cfg).run()
     except config_lib.ConfigError as e:
         _fail(str(e))
+    except trainer.TrainingFault as e:   # a non-finite step, a disk that failed: nothing lost
+        print(f"train: stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ layout is `train.rundir.RunDir`'s):
                                           allocated: the trees a checkpoint restores into
   restore_params_item(item_dir, abstract, shardings, ...)
                                           the "params" of a saved state item, checked against the
-                                          model's abstract parameters first
+                                          model's abstract parameters first (ParamMismatch)
 """
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ def abstract_model(name: str, model_cfg, seed: int = 0):
     return graphdef, state
 
 
+class ParamMismatch(ValueError):
+    """A checkpoint whose parameters do not fit the model its config builds."""
+
+
 def _key_str(k) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(k, attr):
@@ -31,15 +35,24 @@ def _key_str(k) -> str:
     return str(k)
 
 
-def saved_param_shapes(item_dir: str) -> dict:
-    """{path tuple: shape} of the params of a saved state item (from its metadata).
+def _saved_tree(item_dir: str):
+    """The metadata tree of a saved state item.
 
     Read by the item's handler: a Checkpointer's `metadata` looks for the step-level
     `_CHECKPOINT_METADATA` inside the item directory and logs an absl warning on every load."""
     meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir))
     tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    params = tree["params"]
+    return getattr(tree, "tree", tree)
+
+
+def saved_tree_keys(item_dir: str) -> set:
+    """The top-level keys of a saved state item ("params", "opt_state", "step", ...)."""
+    return set(_saved_tree(item_dir).keys())
+
+
+def saved_param_shapes(item_dir: str) -> dict:
+    """{path tuple: shape} of the params of a saved state item (from its metadata)."""
+    params = _saved_tree(item_dir)["params"]
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         out[tuple(_key_str(k) for k in path)] = tuple(leaf.shape)
@@ -56,10 +69,10 @@ def restore_params_item(item_dir: str, abstract: dict, shardings: dict, *, model
         key = tuple(_key_str(k) for k in path)
         dotted = ".".join(key)
         if key not in saved:
-            raise ValueError(f"checkpoint {where} has no parameter {dotted} that model "
+            raise ParamMismatch(f"checkpoint {where} has no parameter {dotted} that model "
                              f"{model_name!r} needs")
         if saved[key] != tuple(leaf.shape):
-            raise ValueError(f"checkpoint parameter {dotted} has shape {saved[key]}, model "
+            raise ParamMismatch(f"checkpoint parameter {dotted} has shape {saved[key]}, model "
                              f"{model_name!r} expects {tuple(leaf.shape)}")
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)

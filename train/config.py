@@ -62,6 +62,12 @@ def train_defaults() -> ml_collections.ConfigDict:
     c.compilation_cache_dir = "~/.cache/seqzoo/jax"   # "" turns the persistent cache off
     c.stop_at_step = 0             # stop (after saving) at this step; 0: run to `steps`
     c.mfu_probe = True             # on CPU, measure the peak with a short matmul probe
+    # numerical faults (train/guard.py): a non-finite loss or gradient norm "stop"s the run
+    # (nothing saved after it; the last complete checkpoint is the last good state) or "skip"s
+    # that update (counted in the metrics as "skipped"); "off" applies every update
+    c.nonfinite = "stop"
+    c.spike_factor = 0.0           # >1: skip an update whose loss > factor * median of the last
+    c.spike_window = 100           #     spike_window applied losses
     return c
 
 
@@ -83,6 +89,9 @@ def checkpoint_defaults() -> ml_collections.ConfigDict:
     c.every = 200                  # save every N steps (and at the end, and on SIGTERM)
     c.keep = 3                     # keep the last N checkpoints
     c.async_save = True
+    # SIGTERM (a preemption notice): finish the step, save synchronously, skip the final eval
+    # and exit 0; a warning when that took longer than this many seconds (0: no deadline)
+    c.preempt_deadline_s = 30.0
     return c
 
 
@@ -275,6 +284,11 @@ def resolve(cfg: ml_collections.ConfigDict, *, device_count: int | None = None):
     _need(t.clip_norm >= 0, f"train.clip_norm={t.clip_norm} must be >= 0")
     _need(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
     _need(t.stop_at_step >= 0, f"train.stop_at_step={t.stop_at_step} must be >= 0")
+    _need(t.nonfinite in ("stop", "skip", "off"),
+          f"train.nonfinite={t.nonfinite!r} is not one of stop, skip, off")
+    _need(t.spike_factor == 0 or t.spike_factor > 1,
+          f"train.spike_factor={t.spike_factor} must be 0 (off) or > 1")
+    _need(t.spike_window >= 1, f"train.spike_window={t.spike_window} must be >= 1")
     for k, v in t.aux_weights.items():
         _need(isinstance(v, (int, float)), f"train.aux_weights.{k}={v!r} must be a number")
 
@@ -290,6 +304,8 @@ def resolve(cfg: ml_collections.ConfigDict, *, device_count: int | None = None):
     c = cfg.checkpoint
     _need(c.every >= 1, f"checkpoint.every={c.every} must be >= 1")
     _need(c.keep >= 1, f"checkpoint.keep={c.keep} must be >= 1")
+    _need(c.preempt_deadline_s >= 0,
+          f"checkpoint.preempt_deadline_s={c.preempt_deadline_s} must be >= 0")
     if not c.dir:
         c.dir = os.path.join("runs", f"{name}_{cfg.data.source}")
     e = cfg.eval

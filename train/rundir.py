@@ -17,6 +17,11 @@ eval` / `python -m eval.table` read it, only through `RunDir`.
   <run>/tb/               tensorboardX event files.
   <run>/eval/             `python -m eval`'s results (results.jsonl, .csv, plots) by default.
   <run>/wall.json         the training wall time that `python -m eval.table` recorded.
+  <run>/checksums/<step>.json
+                          sha256 and size of every file of a complete step, written once the
+                          step is committed (`seal`); `verify` checks a step against it (a
+                          truncated, bit-flipped or deleted file), `quarantine` moves a damaged
+                          step to <run>/corrupt/<step> (nothing is deleted).
 
 Parameters are stored as the *pure dict* of the model's nnx state (`nnx.to_pure_dict(state)`;
 `nnx.merge(graphdef, pure_dict)` rebuilds the model), float32.
@@ -30,8 +35,10 @@ Parameters are stored as the *pure dict* of the model's nnx state (`nnx.to_pure_
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
+import shutil
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:   # imported where used: reading the layout needs neither JAX nor orbax
@@ -44,8 +51,37 @@ METRICS_JSONL = "metrics.jsonl"
 TB = "tb"
 EVAL = "eval"
 WALL_JSON = "wall.json"
+CHECKSUMS = "checksums"
+CORRUPT = "corrupt"
 # the items of one checkpoint step
 STATE, CONFIG, DATA = "state", "config", "data"
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint step whose files do not match its checksums, or cannot be read."""
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".strip()
+
+
+def _file_digests(root: str) -> dict:
+    """{relative path: [size, sha256]} of every file under `root`."""
+    out = {}
+    for base, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(base, name)
+            out[os.path.relpath(path, root)] = [os.path.getsize(path), _sha256(path)]
+    return out
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class RunDir:
@@ -93,6 +129,9 @@ class RunDir:
 
     def step_path(self, step: int) -> str:
         return os.path.join(self.checkpoints_path, str(int(step)))
+
+    def checksum_path(self, step: int) -> str:
+        return os.path.join(self.path, CHECKSUMS, f"{int(step)}.json")
 
     def exists(self) -> bool:
         return os.path.isdir(self.path)
@@ -145,6 +184,84 @@ class RunDir:
         steps = self.steps()
         return steps[-1] if steps else None
 
+    # -- integrity
+    def seal(self) -> list[int]:
+        """Write the checksums of every complete step that has none (call once the saves are
+        committed: after `manager.wait_until_finished()`); drop those of pruned steps. Returns
+        the steps sealed now."""
+        steps = self.steps()
+        os.makedirs(os.path.join(self.path, CHECKSUMS), exist_ok=True)
+        sealed = []
+        for st in steps:
+            path = self.checksum_path(st)
+            if not os.path.isfile(path):
+                tmp = path + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump(_file_digests(self.step_path(st)), f, indent=0, sort_keys=True)
+                os.replace(tmp, path)
+                sealed.append(st)
+        for name in os.listdir(os.path.join(self.path, CHECKSUMS)):
+            stem = name.split(".")[0]
+            if stem.isdigit() and int(stem) not in steps:
+                os.remove(os.path.join(self.path, CHECKSUMS, name))
+        return sealed
+
+    def is_sealed(self, step: int) -> bool:
+        return os.path.isfile(self.checksum_path(step))
+
+    def verify(self, step: int) -> str | None:
+        """What is wrong with a complete step's files against its checksums (None: nothing, or
+        no checksums yet: a step killed between its commit and its seal)."""
+        if not self.is_sealed(step):
+            return None
+        try:
+            with open(self.checksum_path(step)) as f:
+                want = json.load(f)
+        except (OSError, ValueError) as e:
+            return f"its checksum file cannot be read ({_one_line(e)})"
+        root = self.step_path(step)
+        for rel, (size, digest) in sorted(want.items()):
+            path = os.path.join(root, rel)
+            if not os.path.isfile(path):
+                return f"{rel} is missing"
+            if os.path.getsize(path) != size:
+                return f"{rel} has {os.path.getsize(path)} bytes, {size} were written"
+            if _sha256(path) != digest:
+                return f"{rel} does not match its sha256"
+        return None
+
+    def quarantine(self, step: int) -> str:
+        """Move a damaged step (and its checksums) to <run>/corrupt/<step>; returns the path."""
+        dest = os.path.join(self.path, CORRUPT, str(int(step)))
+        n = 1
+        while os.path.exists(dest):
+            dest = os.path.join(self.path, CORRUPT, f"{int(step)}-{n}")
+            n += 1
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.move(self.step_path(step), dest)
+        if self.is_sealed(step):
+            shutil.move(self.checksum_path(step), os.path.join(dest, "checksums.json"))
+        return dest
+
+    def probe_writable(self, need_bytes: int = 0) -> None:
+        """OSError naming the directory when checkpoints/ cannot be written (a probe file is
+        written and removed), or when its disk has fewer than `need_bytes` free."""
+        d = self.checkpoints_path
+        try:
+            os.makedirs(d, exist_ok=True)
+            probe = os.path.join(d, ".seqzoo-write-probe")
+            with open(probe, "w") as f:
+                f.write("probe")
+            os.remove(probe)
+        except OSError as e:
+            raise OSError(f"checkpoint directory {os.path.join(self.given, CHECKPOINTS)!r} is not "
+                          f"writable ({e.strerror or type(e).__name__})") from None
+        free = shutil.disk_usage(d).free
+        if need_bytes and free < need_bytes:
+            raise OSError(f"checkpoint directory {os.path.join(self.given, CHECKPOINTS)!r} has "
+                          f"{free / 2**20:.1f} MiB free; one checkpoint needs about "
+                          f"{need_bytes / 2**20:.1f} MiB")
+
     def manager(self, *, keep: int = 3, async_save: bool = True,
                 read_only: bool = False) -> ocp.CheckpointManager:
         """The orbax CheckpointManager of checkpoints/ (created unless read_only)."""
@@ -166,7 +283,7 @@ class RunDir:
 
     def restore(self, mngr: ocp.CheckpointManager, step: int, target: dict, data_iter=None) -> dict:
         """Restore "state" onto `target` (ShapeDtypeStructs with shardings) and the iterator in
-        place.
+        place. Entries of `target` the step did not save are left out of the result.
 
         The iterator state is read from this process's file `data/process_<i>-of-<n>.json`; when
         the checkpoint was written by a different number of processes, from process 0's file (the
@@ -174,6 +291,10 @@ class RunDir:
         process, so it restores onto any process count)."""
         import jax
         import orbax.checkpoint as ocp
+
+        from train import checkpoint as ckpt
+        saved = ckpt.saved_tree_keys(os.path.join(self.step_path(step), STATE))
+        target = {k: v for k, v in target.items() if k in saved}   # older steps lack "guard"
         restored = mngr.restore(step, args=ocp.args.Composite(
             **{STATE: ocp.args.StandardRestore(target)}))
         if data_iter is not None:
@@ -220,9 +341,18 @@ class RunDir:
             shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), nnx.to_pure_dict(state))
         else:
             shardings = nnx.to_pure_dict(sharding_lib.param_shardings(state, mesh))
-        params = ckpt.restore_params_item(os.path.join(self.step_path(step), STATE),
-                                          nnx.to_pure_dict(state), shardings, model_name=name,
-                                          where=self.step_path(step))
+        problem = self.verify(step)
+        if problem:
+            raise CorruptCheckpoint(f"checkpoint step {step} of {self.given!r} is corrupt: {problem}")
+        try:
+            params = ckpt.restore_params_item(os.path.join(self.step_path(step), STATE),
+                                              nnx.to_pure_dict(state), shardings, model_name=name,
+                                              where=self.step_path(step))
+        except ckpt.ParamMismatch:
+            raise
+        except Exception as e:   # tensorstore / orbax on a damaged step that has no checksums
+            raise CorruptCheckpoint(f"checkpoint step {step} of {self.given!r} cannot be read: "
+                                    f"{_one_line(e)}") from None
         return name, model_cfg, graphdef, params
 
     # -- logs

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 import zoo
 from train import checkpoint as ckpt
 from train import config as config_lib
+from train import guard as guard_lib
 from train import mfu as mfu_lib
 from train import optim
 from train import sharding as sh
@@ -39,6 +40,11 @@ from train.rundir import RunDir
 from zoo import lm
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids")
+
+
+class TrainingFault(RuntimeError):
+    """The run stopped on a fault (a non-finite step under train.nonfinite=stop, a final checkpoint
+    that could not be written, no readable checkpoint to resume from): one line, nothing lost."""
 
 
 # ----------------------------------------------------------------------------- pure steps
@@ -246,10 +252,12 @@ class Trainer:
         rep = NamedSharding(mesh, P())
         bspec = s.batch_spec
         self.batch_sharding = NamedSharding(mesh, P(*bspec, None))
-        self.step_fn = jax.jit(s.train_step,
-                               in_shardings=(s.param_shardings, s.opt_shardings, rep, self.batch_sharding),
-                               out_shardings=(s.param_shardings, s.opt_shardings, rep, rep),
-                               donate_argnums=(0, 1, 2))
+        t = cfg.train
+        step = guard_lib.guarded(s.train_step, nonfinite=t.nonfinite, spike_factor=t.spike_factor)
+        self.step_fn = jax.jit(step, in_shardings=(s.param_shardings, s.opt_shardings, rep, rep,
+                                                   self.batch_sharding),
+                               out_shardings=(s.param_shardings, s.opt_shardings, rep, rep, rep),
+                               donate_argnums=(0, 1, 2, 3))
         self.eval_fn = jax.jit(s.eval_step, in_shardings=(s.param_shardings, self.batch_sharding),
                                out_shardings=rep)
 
@@ -282,6 +290,8 @@ class Trainer:
 
     # -- signals
     def _on_sigterm(self, signum, frame):
+        if not self._stop_signal:
+            self._signal_t = time.perf_counter()
         self._stop_signal = True
 
     def _stop_requested(self) -> bool:
@@ -295,9 +305,20 @@ class Trainer:
         if self.verbose:
             print(text, flush=True)
 
+    def warn(self, text: str) -> None:
+        if self.is_main:
+            print(f"warning: {text}", flush=True)
+
     def run(self) -> dict:
         cfg = self.cfg
-        self.rundir.create()
+        s = self.s
+        state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in
+                          jax.tree.leaves((s.abstract_params, jax.eval_shape(
+                              s.opt.init, s.abstract_params))))
+        try:   # an unwritable or full disk is reported before anything compiles
+            self.rundir.probe_writable(need_bytes=state_bytes)   # creates the run directory
+        except OSError as e:
+            raise config_lib.ConfigError(f"checkpoint.dir: {e}") from None
         cfg_json = config_lib.to_jsonable(cfg)
         if self.is_main:
             self.rundir.write_config(cfg_json)
@@ -312,11 +333,61 @@ class Trainer:
         try:
             return self._run(mngr, writer, cfg_json)
         finally:
-            mngr.wait_until_finished()
+            try:
+                mngr.wait_until_finished()
+            except Exception:    # reported where the save was waited for
+                pass
             mngr.close()
             writer.close()
             if old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler)
+
+    # -- checkpoints
+    def _seal(self, mngr) -> None:
+        """Wait for the save in flight, then write the checksums of the committed steps."""
+        mngr.wait_until_finished()
+        if self.is_main:
+            self.rundir.seal()
+
+    def _save(self, mngr, done: int, state: dict, cfg_json, it) -> bool:
+        """Save a step; on a failing disk warn (the state stays in memory, the next save
+        retries) and return False."""
+        if int(state["guard"]["first_bad"]) >= 0:   # never save after a non-finite step
+            return False
+        try:
+            self._seal(mngr)
+            self.rundir.save(mngr, done, state, cfg_json, it)
+            return True
+        except OSError as e:
+            self.warn(f"checkpoint save at step {done} failed ({e.strerror or e}): training goes "
+                      f"on in memory and the next save retries; the last complete checkpoint is "
+                      f"step {self.rundir.latest_step()}")
+            return False
+
+    def _resume(self, mngr, target: dict, it):
+        """(restored state, step) of the latest readable checkpoint, or (None, None). A damaged
+        step (checksums wrong, or unreadable before it was sealed) is moved to <run>/corrupt/
+        with one warning naming it, and the one before it is tried."""
+        tried = []
+        for st in reversed(self.rundir.steps()):
+            problem = self.rundir.verify(st)
+            if problem is None:
+                try:
+                    return self.rundir.restore(mngr, st, target, it), st
+                except Exception as e:
+                    if self.rundir.is_sealed(st):    # its files are as written: not damage
+                        raise
+                    problem = f"cannot be read: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            moved = self.rundir.quarantine(st) if self.is_main else "<run>/corrupt"
+            tried.append(st)
+            self.warn(f"checkpoint step {st} of {self.rundir.given} is corrupt ({problem}); "
+                      f"moved to {moved}, falling back to the previous checkpoint")
+            mngr.reload()
+        if tried:
+            raise TrainingFault(f"no readable checkpoint in {self.rundir.checkpoints_path} (steps "
+                                f"{tried} are corrupt, moved to {self.rundir.path}/corrupt/); "
+                                "run again to start from step 0")
+        return None, None
 
     def _run(self, mngr, writer, cfg_json) -> dict:
         cfg, s = self.cfg, self.s
@@ -326,19 +397,21 @@ class Trainer:
                  f"{jax.device_count()} {jax.devices()[0].platform} devices, "
                  f"{jax.process_count()} process(es); run dir {self.run_dir}")
         it = self.train_iterator()
+        rep = NamedSharding(s.mesh, P())
         params = init_params(s)
         opt_state = jax.jit(s.opt.init, out_shardings=s.opt_shardings)(params)
-        step = jax.device_put(np.int32(0), NamedSharding(s.mesh, P()))
+        step = jax.device_put(np.int32(0), rep)
+        guard = jax.device_put(guard_lib.init_guard(t.spike_window if t.spike_factor else 1), rep)
         start = 0
-        latest = mngr.latest_step()
-        if latest is not None:
-            target = jax.tree.map(
-                lambda a, sd: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sd),
-                {"params": params, "opt_state": opt_state, "step": step},
-                {"params": s.param_shardings, "opt_state": s.opt_shardings,
-                 "step": NamedSharding(s.mesh, P())})
-            restored = self.rundir.restore(mngr, latest, target, it)
+        target = jax.tree.map(
+            lambda a, sd: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sd),
+            {"params": params, "opt_state": opt_state, "step": step, "guard": guard},
+            {"params": s.param_shardings, "opt_state": s.opt_shardings, "step": rep,
+             "guard": jax.tree.map(lambda _: rep, guard)})
+        restored, latest = self._resume(mngr, target, it)
+        if restored is not None:
             params, opt_state, step = restored["params"], restored["opt_state"], restored["step"]
+            guard = restored.get("guard", guard)
             start = int(step)
             self.log(f"resumed from {self.rundir.checkpoints_path} at step {start}")
         end = t.steps if not t.stop_at_step else min(t.steps, t.stop_at_step)
@@ -353,16 +426,20 @@ class Trainer:
         last_t, last_step = None, start
         last_eval = (None, None)
         progress = Progress(t.steps, enabled=self.verbose)
+
+        def state():
+            return {"params": params, "opt_state": opt_state, "step": step, "guard": guard}
+
         for k in range(start, end):
             batch = to_global(next(it), s.mesh, s.batch_spec)
             if k == start:
                 tc = time.perf_counter()
                 # compile ahead of time (an unknown aux weight name fails here, while tracing)
-                step_fn = self.step_fn.lower(params, opt_state, step, batch).compile()
+                step_fn = self.step_fn.lower(params, opt_state, step, guard, batch).compile()
                 compile_s = time.perf_counter() - tc
                 self.log(f"compiled the train step in {compile_s:.1f} s; "
                          f"{s.flops_per_token / 1e6:.2f} MFLOP/token (analytic)")
-            params, opt_state, step, metrics = step_fn(params, opt_state, step, batch)
+            params, opt_state, step, guard, metrics = step_fn(params, opt_state, step, guard, batch)
             done = k + 1
             if last_t is None:
                 jax.block_until_ready(metrics)
@@ -379,13 +456,15 @@ class Trainer:
                 rec = {"step": done, "loss": float(m["loss"]), "ce": float(m["ce"]),
                        "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps,
                        "mfu": mfu, "lr": float(optim.schedule(t)(done - 1)),
-                       "elapsed_s": now - t_start}
+                       "elapsed_s": now - t_start, "skipped": int(m["skipped"])}
                 rec.update({k2: float(v) for k2, v in m.items() if k2.startswith("aux/")})
                 writer.write(rec)
                 history.append(rec)
                 losses[done] = rec["loss"]
                 progress.update(done, rec["loss"], tps, mfu, eta)
                 last_t, last_step = now, done
+                if int(m["first_bad"]) >= 0:
+                    self._nonfinite(mngr, writer, int(m["first_bad"]))
             if cfg.eval.every and done % cfg.eval.every == 0 and done != end:
                 ev = self.evaluate(params)
                 last_eval = (done, ev)
@@ -401,9 +480,9 @@ class Trainer:
                     end = done
                     break
             if done % cfg.checkpoint.every == 0 and done != end:
-                self.rundir.save(mngr, done,
-                                 {"params": params, "opt_state": opt_state, "step": step},
-                                 cfg_json, it)
+                if not self._save(mngr, done, state(), cfg_json, it):
+                    if int(guard["first_bad"]) >= 0:
+                        self._nonfinite(mngr, writer, int(guard["first_bad"]))
                 last_t, last_step = time.perf_counter(), done
             if self._stop_requested():
                 status = "preempted"
@@ -411,27 +490,56 @@ class Trainer:
                 break
         train_s = time.perf_counter() - t_start
         final = int(step)
+        if int(guard["first_bad"]) >= 0:
+            self._nonfinite(mngr, writer, int(guard["first_bad"]))
         if mngr.latest_step() != final:
-            self.rundir.save(mngr, final,
-                             {"params": params, "opt_state": opt_state, "step": step},
-                             cfg_json, it)
-        mngr.wait_until_finished()
-        if last_eval[0] == final:
+            if not self._save(mngr, final, state(), cfg_json, it):
+                raise TrainingFault(f"the final checkpoint (step {final}) could not be written to "
+                                    f"{self.rundir.checkpoints_path}; the last complete one is "
+                                    f"step {self.rundir.latest_step()}")
+        try:
+            self._seal(mngr)
+        except OSError as e:
+            raise TrainingFault(f"the final checkpoint (step {final}) could not be written "
+                                f"({e.strerror or e}); the last complete one is step "
+                                f"{self.rundir.latest_step()}") from None
+        if status == "preempted":   # no final eval: the preemption deadline is short
+            took = time.perf_counter() - getattr(self, "_signal_t", time.perf_counter())
+            deadline = cfg.checkpoint.preempt_deadline_s
+            self.log(f"SIGTERM: saved step {final} and stopped ({took:.1f} s after the signal; "
+                     f"checkpoint.preempt_deadline_s {deadline:g})")
+            if deadline and took > deadline:
+                self.warn(f"the preemption save took {took:.1f} s, more than "
+                          f"checkpoint.preempt_deadline_s={deadline:g}: a step or a save is "
+                          "longer than the notice; save more often or shorten the steps")
+            ev = last_eval[1] if last_eval[0] == final else None
+        elif last_eval[0] == final:
             ev = last_eval[1]
         else:
             ev = self.evaluate(params)
             writer.write({"step": final, "split": "val", **ev})
-        if status == "preempted":
-            self.log(f"SIGTERM: saved step {final} and stopped")
-        self.log(f"final @ step {final}: val_loss {ev['val_loss']:.4f}  "
-                 f"val_accuracy {ev['val_accuracy']:.4f}  (train {fmt_time(train_s)}, "
-                 f"compile {compile_s:.1f} s)")
+        if ev is not None:
+            self.log(f"final @ step {final}: val_loss {ev['val_loss']:.4f}  "
+                     f"val_accuracy {ev['val_accuracy']:.4f}  (train {fmt_time(train_s)}, "
+                     f"compile {compile_s:.1f} s)")
         self.log(f"checkpoints: {self.rundir.checkpoints_path}  (steps {mngr.all_steps()})")
         self.log(f"metrics:     {self.rundir.metrics_path}")
         self.log(f"tensorboard: tensorboard --logdir {self.rundir.tb_path}")
         return {"status": status, "step": final, "losses": losses, "history": history,
                 "eval": ev, "params": params, "train_s": train_s, "compile_s": compile_s,
-                "run_dir": self.run_dir}
+                "run_dir": self.run_dir, "skipped": int(guard["skipped"])}
+
+    def _nonfinite(self, mngr, writer, bad_step: int):
+        """train.nonfinite=stop: record the step and stop; nothing after it is saved."""
+        try:
+            self._seal(mngr)
+        except OSError:
+            pass
+        writer.write({"step": bad_step, "event": "nonfinite"})
+        raise TrainingFault(f"non-finite loss or gradient at step {bad_step} "
+                            f"(train.nonfinite=stop): stopped without saving; the last complete "
+                            f"checkpoint is step {self.rundir.latest_step()} in "
+                            f"{self.rundir.checkpoints_path}")
 
 
 def train(cfg, *, verbose: bool = True, devices=None) -> dict:
