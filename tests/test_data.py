@@ -130,9 +130,12 @@ def test_validate_files(tmp_path, token_files):
         data.validate(cfg(source="tokens", path=str(files["npy"]), vocab_size=512, eos_id=600))
     with pytest.raises(ValueError, match=r"^data\.val_fraction=1\.5"):
         data.validate(cfg(source="text", path=str(small), val_fraction=1.5))
-    # tokens beyond the vocabulary are caught when read, naming the key
+    # tokens beyond the vocabulary: one line naming the file, before anything compiles ...
     c = cfg(source="tokens", path=str(files["npy"]), vocab_size=100, seq_len=16)
-    data.validate(c)
+    with pytest.raises(ValueError, match=r"^data\.path: .*t\.npy has token id \d+ at offset \d+, "
+                                         r"outside the vocabulary of 100 tokens"):
+        data.validate(c)
+    # ... and again by the reader, row by row (files too long to scan whole at start-up)
     with pytest.raises(ValueError, match=r"^data\.path: token .* outside data\.vocab_size=100"):
         next(data.make_iterator(c, split="train", global_batch=4, seed=0))
     for f in files.values():

@@ -243,3 +243,50 @@ def test_failing_save_warns_and_keeps_training(tmp_path, monkeypatch, capsys):
                                               r"last complete one is step 6"):
         T.train(tiny_cfg(run, **{"checkpoint.keep": 1, "train.steps": 9}), verbose=False)
     assert RunDir(run).steps() == [6] and RunDir(run).verify(6) is None
+
+
+# ----------------------------------------------------------------------------- nothing executes
+
+class _Payload:
+    """Unpickling this creates the marker file (what a crafted checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_nothing_is_unpickled_across_train_resume_eval(tmp_path, monkeypatch, capsys):
+    import pickle
+
+    from eval import cli
+    run, marker = tmp_path / "run", tmp_path / "unpickled"
+    T.train(tiny_cfg(run, **{"train.stop_at_step": 3}), verbose=False)
+    blob = pickle.dumps(_Payload(str(marker)))
+    planted = [run / "config.pkl", run / "checkpoints" / "3" / "state" / "extra.pkl",
+               run / "checkpoints" / "3" / "data" / "process_0-of-1.pkl", run / "metrics.pkl",
+               run / "checkpoints" / "3" / "state.npy"]
+    for p in planted:
+        p.write_bytes(blob)
+    assert pickle.loads(blob) is not None and marker.exists()     # the payload works ...
+    marker.unlink()
+
+    def refuse(*a, **k):
+        raise AssertionError("pickle on the load path")
+    real_np_load = np.load
+
+    def np_load(*a, **k):
+        if k.get("allow_pickle"):
+            raise AssertionError("np.load(allow_pickle=True) on the load path")
+        return real_np_load(*a, **k)
+    for name in ("loads", "load", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(np, "load", np_load)
+    out = T.train(tiny_cfg(run), verbose=False)                    # ... resume ...
+    assert out["step"] == 6
+    code = cli.main([f"--run_dir={run}", "--tasks=mqar,ppl", "--lengths=32", "--mqar_kv=4",
+                     "--n_examples=8", "--ppl_batches=1", "--no_progress", "--no_plots"])
+    assert code == 0, capsys.readouterr().err                     # ... and eval: never loaded
+    assert not marker.exists()
+    assert json.loads((run / "config.json").read_text())["model"]["name"] == "transformer"

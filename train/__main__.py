@@ -66,8 +66,11 @@ def _normalise(argv):
     return out
 
 
-def parse_flags(argv):
+def parse_flags(argv, flag_values=None):
+    """absl's flags parser for `app.run`: the config file loaded once, then its overrides.
+    `flag_values` (default absl's global FLAGS) lets the fuzz tests parse many command lines."""
     global _CONFIG
+    fv = flags.FLAGS if flag_values is None else flag_values
     argv = _normalise(argv)
     cfg_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if cfg_arg is not None:
@@ -90,8 +93,8 @@ def parse_flags(argv):
     try:
         _CONFIG = config_flags.DEFINE_config_dict(
             "config", cfg, "ml_collections config file (configs/<file>.py[:variant]); default: "
-            "built-in", lock_config=True, sys_argv=argv)
-        return flags.FLAGS(argv)
+            "built-in", flag_values=fv, lock_config=True, sys_argv=argv)
+        return fv(argv)
     except flags.Error as e:
         _fail(str(e).splitlines()[0])
     except (AttributeError, KeyError, ValueError, TypeError) as e:

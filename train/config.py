@@ -194,10 +194,48 @@ def tiny_budget(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup_steps
 _SECTIONS = ("model", "data", "train", "mesh", "checkpoint", "eval")
 
 
+def _show(v) -> str:
+    """A value for a one-line message (mappings as JSON, at most 60 characters)."""
+    if isinstance(v, ml_collections.ConfigDict):
+        v = v.to_dict()
+    try:
+        text = json.dumps(v) if isinstance(v, (dict, list)) else repr(v)
+    except (TypeError, ValueError):
+        text = repr(v)
+    text = " ".join(text.split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_name(v) -> str:
+    return {bool: "a bool", int: "an integer", float: "a number", str: "a string",
+            tuple: "a list", list: "a list"}.get(type(v), type(v).__name__)
+
+
 def _check_keys(section: str, cfg: ml_collections.ConfigDict, ref: ml_collections.ConfigDict):
+    """Unknown keys, and values of another type than the default's (a JSON config or a Python
+    config file can hold anything; the overrides parser already checks types)."""
     for key in cfg.keys():
         if key not in ref:
             raise ConfigError(f"unknown config key {section}.{key} (known: {', '.join(sorted(ref.keys()))})")
+        want, got = ref[key], cfg[key]
+        if want is None or isinstance(want, ml_collections.ConfigDict):
+            if isinstance(want, ml_collections.ConfigDict) and not isinstance(
+                    got, (ml_collections.ConfigDict, dict)):
+                raise ConfigError(f"{section}.{key}={_show(got)} must be a mapping")
+            continue
+        if isinstance(want, bool):
+            ok = isinstance(got, bool)
+        elif isinstance(want, int):
+            ok = isinstance(got, int) and not isinstance(got, bool)
+        elif isinstance(want, float):
+            ok = isinstance(got, (int, float)) and not isinstance(got, bool)
+        elif isinstance(want, (tuple, list)):
+            ok = isinstance(got, (tuple, list)) and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in got)
+        else:
+            ok = isinstance(got, type(want))
+        if not ok:
+            raise ConfigError(f"{section}.{key}={_show(got)} must be {_type_name(want)}")
 
 
 def _need(cond: bool, msg: str):

@@ -160,14 +160,34 @@ class RunDir:
             if not os.path.isfile(self.config_path):
                 raise FileNotFoundError(f"{os.path.join(self.given, CONFIG_JSON)} not found: "
                                         "not a seqzoo run directory")
-            with open(self.config_path) as f:
-                self._config = config_lib.from_jsonable(json.load(f))
+            where = os.path.join(self.given, CONFIG_JSON)
+            try:
+                with open(self.config_path, encoding="utf-8") as f:
+                    d = json.load(f)
+            except ValueError as e:   # not JSON (a truncated or foreign file)
+                raise ValueError(f"{where} is not valid JSON ({_one_line(e)})") from None
+            sections = ("model", "data", "train", "mesh", "checkpoint", "eval")
+            if not isinstance(d, dict) or not all(isinstance(d.get(k), dict) for k in sections):
+                raise ValueError(f"{where} is not a seqzoo config (a JSON object with the "
+                                 f"sections {', '.join(sections)})")
+            if not isinstance(d["model"].get("name"), str):
+                raise ValueError(f"{where} has no model.name")
+            try:
+                self._config = config_lib.from_jsonable(d)
+            except (TypeError, ValueError, KeyError, AttributeError) as e:
+                raise ValueError(f"{where} is not a seqzoo config ({_one_line(e)})") from None
         return self._config
 
     def model_config(self):
-        """(model name, typed model config) of the run's config."""
+        """(model name, typed model config) of the run's config; ValueError (one line) when
+        config.json does not describe a model this code builds."""
         from train import config as config_lib
-        return config_lib.model_config_from(self.read_config())
+        cfg = self.read_config()
+        try:
+            return config_lib.model_config_from(cfg)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"{os.path.join(self.given, CONFIG_JSON)}: the model section does "
+                             f"not fit the code ({_one_line(e)})") from None
 
     # -- checkpoints
     def steps(self) -> list[int]:

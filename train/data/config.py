@@ -174,6 +174,26 @@ def validate(data_cfg) -> None:
         _validate_file(data_cfg)
 
 
+SCAN_TOKENS = 1 << 28       # token files up to this size are range-checked whole
+
+
+def first_out_of_range(stream, vocab: int, chunk: int = 1 << 22):
+    """(offset, id) of the first token of `stream` outside [0, vocab), or None. Streams of up to
+    SCAN_TOKENS tokens are read whole (chunk by chunk); longer ones in 64 evenly spaced windows of
+    one chunk each (a start-up check; the reader checks every row it reads as well)."""
+    n = len(stream)
+    if n <= SCAN_TOKENS:
+        starts = range(0, n, chunk)
+    else:
+        starts = np.linspace(0, n - chunk, 64).astype(np.int64)
+    for lo in starts:
+        toks, _ = stream.read(int(lo), int(min(lo + chunk, n)))
+        bad = np.flatnonzero((toks < 0) | (toks >= vocab))
+        if bad.size:
+            return int(lo + bad[0]), int(toks[bad[0]])
+    return None
+
+
 def _check_depth(key, d):
     if d >= 0 and not d <= 1:
         _bad(f"data.{key}={d} must be in [0, 1] (or < 0 for a random depth)")
@@ -209,6 +229,11 @@ def _validate_file(cfg) -> None:
         stream = open_tokens(cfg)
     except (OSError, ValueError) as e:
         _bad(f"data.path: cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    if src == "tokens":
+        bad = first_out_of_range(stream, voc)
+        if bad is not None:
+            _bad(f"data.path: {path} has token id {bad[1]} at offset {bad[0]}, outside the "
+                 f"vocabulary of {voc} tokens (data.vocab_size)")
     if g("pack") and eos < 0 and stream.kind != "array_record":
         _bad(f"data.eos_id: packing {path} needs a document separator (data.eos_id >= 0)")
     n_train, n_val = split_sizes(len(stream), vf)

@@ -47,7 +47,11 @@ class ArrayStream:
                 arr = np.memmap(self.path, np.uint8, mode="r") if os.path.getsize(self.path) else \
                     np.zeros(0, np.uint8)
             elif self.kind == "npy":
-                arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
+                try:
+                    arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
+                except (EOFError, OSError, ValueError) as e:   # empty, truncated, not .npy
+                    raise ValueError(f"not a readable .npy array ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else 'empty'})") from None
                 if arr.ndim != 1 or arr.dtype.kind not in "iu":
                     raise ValueError(f"expected a 1-D integer array, got {arr.dtype}{list(arr.shape)}")
             else:
