@@ -301,6 +301,11 @@ class Trainer:
             flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
         return flag
 
+    def _sync(self, name: str) -> None:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"seqzoo:{name}")
+
     def log(self, text: str) -> None:
         if self.verbose:
             print(text, flush=True)
@@ -378,7 +383,9 @@ class Trainer:
                     if self.rundir.is_sealed(st):    # its files are as written: not damage
                         raise
                     problem = f"cannot be read: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self._sync("verified")       # every process judged the step before it moves
             moved = self.rundir.quarantine(st) if self.is_main else "<run>/corrupt"
+            self._sync("quarantined")
             tried.append(st)
             self.warn(f"checkpoint step {st} of {self.rundir.given} is corrupt ({problem}); "
                       f"moved to {moved}, falling back to the previous checkpoint")
