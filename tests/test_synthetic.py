@@ -1,4 +1,4 @@
-"""Invariants of the synthetic task generators (train/data/synthetic.py, specs/tasks.md)."""
+"""Invariants of the synthetic task generators (train/data/synthetic/, specs/tasks.md)."""
 import itertools
 import re
 import uuid
@@ -90,7 +90,7 @@ def test_mqar_gaps_follow_power_law():
         gaps = (ex["answer_positions"] - 2 * D) // 2
         first += int(np.sum(gaps == 0))
         last += int(np.sum(gaps >= 3 * space // 4))
-    w = S._gap_weights(space, 0.01)
+    w = S.recall._gap_weights(space, 0.01)
     assert w[0] / w[-1] == pytest.approx(space ** 0.99, rel=1e-6)
     assert first > 2 * last
 
@@ -251,7 +251,7 @@ def test_niah_key_multiplicities_match_brute_force():
     brute = {s: pairs.count(s) for s in set(pairs) if pairs.count(s) > 1}
     assert S.key_multiplicities(adjs, nouns) == brute and brute
     # the vendored lists: 910 distinct adjectives, 6782 nouns (wonderwords 3.0.1)
-    adjs, nouns, _ = S._niah_words()
+    adjs, nouns, _ = S.needle._niah_words()
     assert (len(adjs), len(nouns)) == (len(set(ADJECTIVES)), len(set(NOUNS))) == (910, 6782)
 
 
@@ -263,7 +263,7 @@ def test_word_lists_are_package_data():
     import os
 
     res = importlib.resources.files("train.data").joinpath(S.WORDLISTS)
-    assert res.is_file() and os.path.dirname(str(res)) == os.path.dirname(S.__file__)
+    assert res.is_file() and os.path.dirname(str(res)) == os.path.dirname(os.path.dirname(S.__file__))
     d = json.loads(res.read_text(encoding="utf-8"))
     assert "MIT License" in d["license"] and (len(d["adjectives"]), len(d["nouns"])) == (912, 6782)
     assert S.word_lists() == (tuple(d["adjectives"]), tuple(d["nouns"]))
@@ -274,7 +274,7 @@ def test_word_lists_are_package_data():
 
 @pytest.mark.parametrize("variant", S.NIAH_VARIANTS)
 def test_needle_text(variant):
-    adjs, nouns, _ = S._niah_words()
+    adjs, nouns, _ = S.needle._niah_words()
     kind = "uuid" if variant == "niah_single_3" else "number"
     depths = set()
     for i, rng in enumerate(rngs(8, seed=3)):
