@@ -169,3 +169,61 @@ def test_short_training_run_learns(tmp_path):
     out = T.train(cfg, verbose=False)
     first, last = out["losses"][10], out["losses"][60]
     assert last < first - 0.5, out["losses"]
+
+
+# the groups each family's reference code has (specs: mamba.md §init, lssl.md's lssl.yaml,
+# gam.md's recipe; the Llama recipe: no decay on norms and biases)
+GROUPS_EXPECTED = {
+    "mamba": {"mixer.A_log": (False, 2e-3), "mixer.D": (False, 2e-3),
+              "mixer.in_proj.weight": (True, 2e-3), "mixer.dt_b": (False, 2e-3),
+              "norm1.weight": (False, 2e-3)},
+    "mamba2": {"mixer.A_log": (False, 2e-3), "mixer.D": (False, 2e-3),
+               "mixer.dt_bias": (False, 2e-3), "mixer.in_proj.weight": (True, 2e-3)},
+    "lssl": {**{f"mixer.{k}": (False, 1e-4) for k in ("p", "q", "dg", "t_diag", "t_sub",
+                                                      "t_sup", "b")},
+             "mixer.log_dt": (False, 1e-3), "mixer.C": (True, 2e-3),
+             "mixer.out.weight": (True, 2e-3), "mixer.out.bias": (False, 2e-3)},
+    "gam": {"norm1.weight": (True, 2e-3)},
+    "transformer": {"mixer.wq.weight": (True, 2e-3), "norm1.weight": (False, 2e-3),
+                    "ffn.w2.weight": (True, 2e-3)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(GROUPS_EXPECTED))
+def test_parameter_groups_are_the_reference_codes(name):
+    cfg = zoo.get(name).conformance.config
+    params = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: zoo.build(name, cfg)))[1])
+    table = optim.param_groups(params, zoo.get(name).groups, lr=2e-3)
+    for suffix, want in GROUPS_EXPECTED[name].items():
+        hits = {k: v[:2] for k, v in table.items() if k.startswith("blocks.0.") and k.endswith(suffix)}
+        assert hits and all(v == want for v in hits.values()), (name, suffix, hits)
+    if name == "gam":                # every parameter decays, 1-D ones included
+        assert all(v[0] for v in table.values())
+
+
+def test_groups_change_the_update_as_declared():
+    """One AdamW step with zero gradients moves a parameter by exactly -lr_group * wd * p when it
+    decays and not at all otherwise: LSSL's transition at its own 1e-4, the base rate elsewhere."""
+    t = C.train_defaults()
+    t.lr, t.warmup_steps, t.weight_decay, t.clip_norm = 2e-3, 0, 0.5, 0.0
+    cfg = zoo.get("lssl").conformance.config
+    params = nnx.to_pure_dict(nnx.split(zoo.build("lssl", cfg, nnx.Rngs(params=0)))[1])
+    groups = zoo.get("lssl").groups
+    opt = optim.make_optimizer(t, groups, params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = opt.update(zeros, opt.init(params), params)
+    table = optim.param_groups(params, groups, t.lr)
+    flat = {optim._path(p): (u, x) for (p, u), (_, x) in
+            zip(jax.tree_util.tree_flatten_with_path(updates)[0],
+                jax.tree_util.tree_flatten_with_path(params)[0])}
+    seen = set()
+    for name, (u, x) in flat.items():
+        decay, rate, group = table[name]
+        want = -rate * t.weight_decay * np.asarray(x) if decay else np.zeros_like(x)
+        np.testing.assert_allclose(np.asarray(u), want, rtol=1e-6, atol=1e-12, err_msg=name)
+        seen.add((decay, rate))
+    assert {(True, 2e-3), (False, 2e-3), (False, 1e-4)} <= seen
+    # without groups the chain keeps the layout older checkpoints have
+    plain = optim.make_optimizer(t)
+    assert jax.tree.structure(plain.init(params)) == jax.tree.structure(
+        optim.make_optimizer(t, zoo.get("mamba").groups, params).init(params))

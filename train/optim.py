@@ -1,6 +1,10 @@
-"""optax pieces: warmup + cosine schedule, AdamW with decoupled weight decay on matrices only,
-global-norm clipping; and the shardings of an optimizer state that mirror the parameters'."""
+"""optax pieces: warmup + cosine schedule, AdamW with decoupled weight decay by parameter group
+(matrices only by default; each registry entry's `groups` give its family's reference choices:
+no-decay sets, per-group learning rates), global-norm clipping; and the shardings of an
+optimizer state that mirror the parameters'."""
 from __future__ import annotations
+
+import fnmatch
 
 import jax
 import jax.numpy as jnp
@@ -16,17 +20,61 @@ def schedule(t) -> optax.Schedule:
         decay_steps=max(int(t.steps), int(t.warmup_steps) + 1), end_value=t.lr * t.min_lr_ratio)
 
 
-def _decay_mask(params):
-    """Weight decay on parameters with at least 2 dimensions (not norms, biases, gains)."""
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+def _path(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def make_optimizer(t) -> optax.GradientTransformation:
+def param_groups(params, groups=(), lr: float = 1.0) -> dict:
+    """{dotted path: (weight decay?, peak learning rate, group name)} of every parameter.
+
+    The default rule: weight decay on parameters with at least 2 dimensions (not norms, biases,
+    gains), the base rate `lr`. A registry entry's `groups` (zoo.ParamGroup, the family's
+    reference choices) override it for the paths they match, the first match winning."""
+    out = {}
+    for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = _path(path)
+        decay, rate, group = jnp.ndim(p) >= 2, lr, ""
+        for g in groups:
+            if any(fnmatch.fnmatchcase(name, pat) for pat in g.patterns):
+                decay = decay if g.weight_decay is None else g.weight_decay
+                rate = lr if g.lr is None else g.lr
+                group = g.name
+                break
+        out[name] = (bool(decay), float(rate), group)
+    return out
+
+
+def _scale_updates(scales) -> optax.GradientTransformation:
+    """Multiply each parameter's update by its constant (a tree of floats like the params)."""
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u, c: u if c == 1.0 else u * c, updates, scales), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(t, groups=(), params=None) -> optax.GradientTransformation:
+    """Clip, then AdamW on the schedule with decoupled weight decay by `param_groups`. A group
+    with its own rate scales its updates (decay term included) by rate / t.lr, which is
+    PyTorch's per-group lr under one schedule; only then does the chain grow a stage (older
+    checkpoints of models without such groups keep their optimiser-state layout)."""
     parts = []
     if t.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(t.clip_norm))
+    if params is None or not groups:
+        mask = lambda ps: jax.tree.map(lambda p: jnp.ndim(p) >= 2, ps)  # noqa: E731
+        scales = None
+    else:
+        table = param_groups(params, groups, t.lr)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        names = [_path(path) for path, _ in flat]
+        decay_tree = jax.tree_util.tree_unflatten(treedef, [table[n][0] for n in names])
+        mask = lambda ps: decay_tree  # noqa: E731
+        ratios = [table[n][1] / t.lr for n in names]
+        scales = (jax.tree_util.tree_unflatten(treedef, ratios)
+                  if any(r != 1.0 for r in ratios) else None)
     parts.append(optax.adamw(schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
-                             weight_decay=t.weight_decay, mask=_decay_mask))
+                             weight_decay=t.weight_decay, mask=mask))
+    if scales is not None:
+        parts.append(_scale_updates(scales))
     return optax.chain(*parts)
 
 

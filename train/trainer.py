@@ -169,7 +169,7 @@ def build_setup(cfg, model_cfg, devices=None) -> Setup:
     graphdef, state = ckpt.abstract_model(name, model_cfg, cfg.train.seed)
     abstract_params = nnx.to_pure_dict(state)
     p_sh = nnx.to_pure_dict(sh.param_shardings(state, mesh))
-    opt = optim.make_optimizer(cfg.train)
+    opt = optim.make_optimizer(cfg.train, zoo.get(name).groups, abstract_params)
     abstract_opt = jax.eval_shape(opt.init, abstract_params)
     o_sh = optim.opt_state_shardings(opt, abstract_opt, p_sh, mesh)
     t = cfg.train
@@ -203,7 +203,7 @@ def eval_shape_step(cfg, model_cfg=None):
         cfg, model_cfg = config_lib.resolve(cfg)
     graphdef, state = ckpt.abstract_model(cfg.model.name, model_cfg, cfg.train.seed)
     params = nnx.to_pure_dict(state)
-    opt = optim.make_optimizer(cfg.train)
+    opt = optim.make_optimizer(cfg.train, zoo.get(cfg.model.name).groups, params)
     opt_state = jax.eval_shape(opt.init, params)
     t = cfg.train
     step = make_train_step(graphdef, opt, aux_weights=dict(t.aux_weights), grad_accum=t.grad_accum,

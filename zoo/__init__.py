@@ -13,4 +13,13 @@ from zoo import (
     hf,  # noqa: F401
     lm,  # noqa: F401
 )
-from zoo.registry import ConformanceSpec, Entry, build, get, make_config, names, register  # noqa: F401
+from zoo.registry import (  # noqa: F401
+    ConformanceSpec,
+    Entry,
+    ParamGroup,
+    build,
+    get,
+    make_config,
+    names,
+    register,
+)

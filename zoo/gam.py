@@ -27,7 +27,7 @@ from layers.gam import FUSIONS, INITS, GAMMixer, gam_mixer_count, gam_mixer_flop
 from layers.mlp import GeluMLP, gelu_mlp_flops
 from layers.norms import LayerNorm
 from zoo.lm import Block, CausalLM, build_lm, lm_flops, lm_param_count
-from zoo.registry import ConformanceSpec, register
+from zoo.registry import ConformanceSpec, ParamGroup, register
 
 PES = ("learned_abs", "none")
 
@@ -108,6 +108,9 @@ _TINY = GAMConfig(vocab_size=37, dim=16, n_layers=2, n_slots=10, kernel_size=3, 
 
 @register("gam", config=GAMConfig, max_len=gam_max_len, param_count=gam_param_count,
           flops=gam_flops,
+          groups=(ParamGroup("all", ("*",), weight_decay=True,
+                             why="gam.md: weight decay 0.1 on all parameters (LN, biases, "
+                                 "embeddings, memory included)"),),
           conformance=ConformanceSpec(
               config=_TINY, length=13, cuts=(1, 2, 3, 12),
               reference={"impl": "reference"},

@@ -27,7 +27,7 @@ from layers.linear import Dense
 from layers.lssl import LSSLMixer, lssl_call_flops, lssl_mixer_flops, lssl_state_flops
 from layers.norms import LayerNorm
 from zoo.lm import TRAIN_FACTOR, CausalLM, build_lm, dense_flops, lm_flops, lm_param_count
-from zoo.registry import ConformanceSpec, register
+from zoo.registry import ConformanceSpec, ParamGroup, register
 
 Array = jax.Array
 
@@ -166,7 +166,20 @@ _TINY = LSSLConfig(vocab_size=37, dim=8, n_layers=2, d_state=6, channels=2, dt_m
 _FLOPS = dataclasses.replace(_TINY, dim=512, n_layers=1, impl="reference")
 
 
+# the reference layer's own optimiser settings (lssl.md, configs/model/layer/lssl.yaml): the
+# transition (p, q, dg, the tridiagonal T, and b, which the code registers with it) at lr 1e-4,
+# the step sizes at lr 1e-3, neither with weight decay
+LSSL_GROUPS = (
+    ParamGroup("transition", tuple(f"*.mixer.{k}" for k in ("p", "q", "dg", "t_diag", "t_sub",
+                                                            "t_sup", "b")),
+               weight_decay=False, lr=1e-4, why="lssl.yaml: transition lr 1e-4, no decay"),
+    ParamGroup("dt", ("*.mixer.log_dt",), weight_decay=False, lr=1e-3,
+               why="lssl.yaml: dt lr 1e-3, no decay"),
+)
+
+
 @register("lssl", config=LSSLConfig, param_count=lssl_param_count, flops=lssl_flops,
+          groups=LSSL_GROUPS,
           conformance=ConformanceSpec(
               config=_TINY, length=13, cuts=(1, 4, 5, 12),
               reference={"impl": "reference"},
@@ -212,7 +225,7 @@ class LSSLClassifier(nnx.Module):
         return self.decoder(pooled).astype(jnp.float32), None, {}
 
 
-@register("lssl_classifier", config=LSSLConfig, causal=False, resets=False,
+@register("lssl_classifier", config=LSSLConfig, causal=False, resets=False, groups=LSSL_GROUPS,
           param_count=lssl_classifier_param_count, flops=lssl_classifier_flops,
           conformance=ConformanceSpec(
               config=dataclasses.replace(_TINY, n_layers=1), length=13, decode=False,

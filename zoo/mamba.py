@@ -24,7 +24,7 @@ from layers.norms import RMSNorm
 from layers.ssm import Mamba2Mixer, MambaMixer, mamba2_mixer_flops, mamba_mixer_flops
 from zoo import hf as _hf
 from zoo.lm import Block, CausalLM, build_lm, lm_flops, lm_param_count
-from zoo.registry import ConformanceSpec, register
+from zoo.registry import ConformanceSpec, ParamGroup, register
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,17 @@ def mamba2_flops(cfg: Mamba2Config, seq_len: int) -> float:
     return lm_flops(cfg.n_layers * mixer, vocab_size=cfg.vocab_size, dim=cfg.dim)
 
 
+# the official code's `_no_weight_decay` parameters (mamba.md §init: A_log and D; the default
+# rule already spares the 1-D ones, A_log [Di, N] is 2-D)
+MAMBA_GROUPS = (ParamGroup("ssm", ("*.mixer.A_log", "*.mixer.D"), weight_decay=False,
+                           why="mamba_ssm marks A_log and D _no_weight_decay"),)
+MAMBA2_GROUPS = (ParamGroup("ssm", ("*.mixer.A_log", "*.mixer.D", "*.mixer.dt_bias"),
+                            weight_decay=False,
+                            why="mamba_ssm's Mamba2 marks A_log, D and dt_bias _no_weight_decay"),)
+
+
 @register("mamba", config=MambaConfig, param_count=mamba_param_count, flops=mamba_flops,
+          groups=MAMBA_GROUPS,
           conformance=ConformanceSpec(
               config=MambaConfig(vocab_size=37, dim=16, n_layers=2, d_state=4, block=4,
                                  init_std=0.5, dt_min=0.05, dt_max=0.5, impl="reference"),
@@ -191,7 +201,7 @@ def build_mamba(cfg: MambaConfig, rngs: nnx.Rngs) -> CausalLM:
 
 
 @register("mamba2", config=Mamba2Config, param_count=mamba2_param_count,
-          flops=mamba2_flops,
+          flops=mamba2_flops, groups=MAMBA2_GROUPS,
           conformance=ConformanceSpec(
               config=Mamba2Config(vocab_size=37, dim=16, n_layers=2, d_state=4, head_dim=8,
                                   n_groups=2, block=4, init_std=0.5, dt_min=0.05,

@@ -44,6 +44,20 @@ class ConformanceSpec:
 
 
 @dataclass(frozen=True)
+class ParamGroup:
+    """Parameters (dotted paths of the model's state, fnmatch `patterns`, e.g. "*.mixer.A_log")
+    that the family's reference code trains differently: `weight_decay` True / False forces
+    decay on / off (None: the default rule, decay on parameters of >= 2 dimensions only); `lr` is
+    the group's peak learning rate as the reference code gives it (absolute, None: train.lr), and
+    the schedule scales it like the base rate. The first group a path matches applies."""
+    name: str
+    patterns: tuple[str, ...]
+    weight_decay: bool | None = None
+    lr: float | None = None
+    why: str = ""
+
+
+@dataclass(frozen=True)
 class Entry:
     name: str
     config_cls: type
@@ -56,6 +70,7 @@ class Entry:
     conformance: ConformanceSpec | None = None
     family: str = ""
     check: Callable[[Any], None] | None = None
+    groups: tuple[ParamGroup, ...] = ()
 
 
 _REGISTRY: dict[str, Entry] = {}
@@ -66,14 +81,16 @@ def register(name: str, *, config: type, causal: bool = True, resets: bool = Tru
              param_count: Callable[[Any], int] | None = None,
              flops: Callable[[Any, int], float] | None = None,
              conformance: ConformanceSpec | None = None,
-             check: Callable[[Any], None] | None = None):
+             check: Callable[[Any], None] | None = None,
+             groups: tuple[ParamGroup, ...] = ()):
     """Decorator registering `build(cfg, rngs) -> model` under `name`.
 
     param_count(cfg): the documented parameter count. flops(cfg, seq_len): the analytic
     training FLOPs per token (forward + backward of every product, scans and state updates
     included; `zoo.lm` has the shared pieces), checked against XLA by tests/test_flops.py.
     check(cfg): raises ValueError (one line naming the key) for what this entry cannot build
-    beyond `cfg.validate()`.
+    beyond `cfg.validate()`. groups: the parameter groups (`ParamGroup`: no weight decay, own
+    learning rate) of the family's reference code, read by the trainer's optimiser.
     """
     def deco(fn):
         if name in _REGISTRY:
@@ -81,7 +98,8 @@ def register(name: str, *, config: type, causal: bool = True, resets: bool = Tru
         _REGISTRY[name] = Entry(name=name, config_cls=config, build=fn, causal=causal,
                                 resets=resets, max_len=max_len or (lambda cfg: None),
                                 param_count=param_count, flops=flops, conformance=conformance,
-                                family=fn.__module__.rsplit(".", 1)[-1], check=check)
+                                family=fn.__module__.rsplit(".", 1)[-1], check=check,
+                                groups=tuple(groups))
         return fn
     return deco
 
