@@ -117,3 +117,51 @@ def test_batch_is_split_over_data_and_fsdp():
     g = T.to_global(_batch(), mesh, sh.BATCH_AXES_SPEC)
     assert g["inputs"].addressable_shards[0].data.shape == (4, 16)
     np.testing.assert_array_equal(np.asarray(g["inputs"]), _batch()["inputs"])
+
+
+# The logical-axis table as this test expects it, written out independently of train.sharding:
+# a wrong entry there (say kv_heads on fsdp) changes some parameter's shard shape below.
+EXPECTED_RULES = {"embed": "fsdp", "vocab": "tensor", "mlp": "tensor", "heads": "tensor",
+                  "kv_heads": "tensor", "conv": "tensor", "inner": "tensor", "head_dim": None,
+                  "state": None, "norm": None, "layers": None}
+
+
+def _expected_shard(names, shape, mesh_sizes):
+    used, out = set(), []
+    for name, size in zip(names, shape):
+        axis = EXPECTED_RULES[name] if name is not None else None
+        if axis is not None and axis not in used and size % mesh_sizes[axis] == 0:
+            used.add(axis)
+            out.append(size // mesh_sizes[axis])
+        else:
+            out.append(size)
+    return tuple(out), used
+
+
+def test_every_parameter_of_every_family_shards_by_the_table():
+    """On the (2, 2, 2) mesh, every parameter of every registered model (its conformance config)
+    has one logical name per dimension, every name is in the table, and its per-device shard
+    shape is what the table gives; every mesh axis the table names shards some parameter."""
+    import zoo
+    from flax import nnx
+    mesh = sh.make_mesh((2, 2, 2))
+    sizes = dict(mesh.shape)
+    axes_used, checked = set(), 0
+    for name in zoo.names():
+        cfg = zoo.get(name).conformance.config
+        state = nnx.split(nnx.eval_shape(lambda: zoo.build(name, cfg, nnx.Rngs(0))))[1]
+        shardings = sh.param_shardings(state, mesh)
+        leaves = jax.tree_util.tree_flatten_with_path(
+            state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+        for (path, var), sd in zip(leaves, jax.tree.leaves(shardings)):
+            where = f"{name}{jax.tree_util.keystr(path)}"
+            names = getattr(var, "out_sharding", None) or getattr(var, "sharding_names", None)
+            shape = tuple(var.get_value().shape)
+            assert names is not None and len(names) == len(shape), (where, names, shape)
+            unknown = [n for n in names if n is not None and n not in EXPECTED_RULES]
+            assert not unknown, (where, unknown)
+            want, used = _expected_shard(names, shape, sizes)
+            assert tuple(sd.shard_shape(shape)) == want, (where, names, shape, sd.spec)
+            axes_used |= used
+            checked += 1
+    assert axes_used == {"fsdp", "tensor"} and checked > 500, (axes_used, checked)
