@@ -181,3 +181,21 @@ def test_config_validation_names_the_key():
         zoo.make_config("mamba2", {"dim": 32, "head_dim": 16, "n_groups": 3})
     with pytest.raises(ValueError, match="model.bogus"):
         zoo.make_config("mamba2", {"bogus": 1})
+
+
+def test_d_skip_is_the_whole_output_when_the_state_gets_no_input():
+    """§3.1's skip y = SSM(x) + D ⊙ x, seen without the HF fixtures: with the x_proj columns of
+    B zeroed the state never receives input, so the mixer's output is exactly zero at D = 0,
+    nonzero at D = 1, and linear in D (dropping the D term makes every D give zero)."""
+    m = MambaMixer(16, rngs=nnx.Rngs(params=0), d_inner=32, d_state=4, impl="reference")
+    R, N = m.dt_rank, m.d_state
+    m.x_proj.weight[...] = m.x_proj.weight[...].at[:, R:R + N].set(0.0)
+    u = jax.random.normal(jax.random.key(3), (2, 9, 16))
+
+    def out(d):
+        m.D[...] = jnp.full_like(m.D[...], d)
+        return np.asarray(m(u)[0], np.float64)
+    y0, y1, y2 = out(0.0), out(1.0), out(2.0)
+    assert np.all(y0 == 0.0)
+    assert np.abs(y1).max() > 1e-3
+    np.testing.assert_allclose(y2, 2.0 * y1, rtol=1e-5, atol=1e-7)
