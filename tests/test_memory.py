@@ -279,3 +279,42 @@ def test_config_validates_impl_naming_the_key():
         NeuralMemoryConfig(dim=8, n_heads=2, impl="cuda").validate()
     with pytest.raises(ValueError, match=r"^impl='pallas': op 'neural_memory'"):
         NeuralMemoryConfig(dim=8, n_heads=2, impl="pallas").validate()
+
+
+MEMORY_MODELS = ("titans_lmm", "titans_mac", "titans_mag", "titans_mal", "atlas", "omeganet",
+                 "moneta", "yaad", "memora")
+
+
+@pytest.mark.parametrize("name", MEMORY_MODELS)
+def test_memory_qkv_from_raw_parameters(name):
+    """The memory's q, k, v written out from its raw parameters, not through the layer: the
+    three projections, the causal depthwise conv of kernel K (w[:, K-1] on the current token, no
+    bias), SiLU, the split into heads, and the ℓ2 normalisation of q and k per head (then the
+    family's feature map). Every exact memory test takes q and k from the layer under test, so
+    without this one dropping the keys' normalisation passed them all."""
+    import zoo
+    cfg = zoo.get(name).conformance.config
+    model = zoo.build(name, cfg, nnx.Rngs(params=0))
+    mems = [m for _, m in nnx.iter_graph(model) if isinstance(m, NeuralMemory)]
+    assert mems, name
+    for mem in mems:
+        c = mem.cfg
+        B, T, H, d = 2, 7, c.n_heads, c.hd
+        x = np.asarray(jax.random.normal(jax.random.key(5), (B, T, c.dim)), np.float64)
+        u = np.concatenate([x @ np.asarray(w.weight[...], np.float64)
+                            for w in (mem.wq, mem.wk, mem.wv)], axis=-1)
+        w = np.asarray(mem.conv.weight[...], np.float64)                     # [C, K]
+        K = w.shape[1]
+        pad = np.concatenate([np.zeros((B, K - 1, u.shape[-1])), u], axis=1)
+        conv = sum(pad[:, j:j + T] * w[:, j] for j in range(K))
+        act = conv / (1.0 + np.exp(-conv))
+        q, k, v = (a.reshape(B, T, H, d) for a in np.split(act, 3, axis=-1))
+        eps = c.norm_eps
+        unit = lambda a: a / np.sqrt(np.sum(a * a, -1, keepdims=True) + eps)  # noqa: E731
+        want_q, want_k = mem.features(jnp.asarray(unit(q), jnp.float32),
+                                      jnp.asarray(unit(k), jnp.float32))
+        real = jnp.ones((B, T), bool)
+        got_q, got_k, got_v, _ = mem.qkv(jnp.asarray(x, jnp.float32),
+                                         mem.conv.init_state(B), real, None)
+        for got, want in ((got_q, want_q), (got_k, want_k), (got_v, v)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-5)

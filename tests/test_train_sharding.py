@@ -142,8 +142,9 @@ def test_every_parameter_of_every_family_shards_by_the_table():
     """On the (2, 2, 2) mesh, every parameter of every registered model (its conformance config)
     has one logical name per dimension, every name is in the table, and its per-device shard
     shape is what the table gives; every mesh axis the table names shards some parameter."""
-    import zoo
     from flax import nnx
+
+    import zoo
     mesh = sh.make_mesh((2, 2, 2))
     sizes = dict(mesh.shape)
     axes_used, checked = set(), 0
