@@ -63,3 +63,52 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="no converter for architecture 'NopeForCausalLM'"):
         zoo.hf.load(str(d))
+
+
+def _reshard(src, dst, n_shards, dtype=None):
+    """The transformers-made checkpoint `src` rewritten as `n_shards` safetensors files with the
+    index transformers writes (model.safetensors.index.json), optionally cast to `dtype`."""
+    from safetensors.numpy import save_file
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    tensors = zoo.hf.read_safetensors(str(src / "model.safetensors"))
+    if dtype is not None:
+        tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+    names = sorted(tensors)
+    weight_map, total = {}, 0
+    for i in range(n_shards):
+        part = names[i::n_shards]
+        fname = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        save_file({k: tensors[k] for k in part}, str(dst / fname))
+        weight_map.update({k: fname for k in part})
+        total += sum(tensors[k].nbytes for k in part)
+    (dst / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return tensors
+
+
+def test_sharded_and_bfloat16_checkpoints_load(tmp_path):
+    """A checkpoint in 3 shards with its index loads to transformers' logits; the same in
+    bfloat16 loads to exactly the logits of its float32-cast tensors (one file or sharded), and
+    a shard the index names but the directory lacks is one error naming it."""
+    import ml_dtypes
+    name = "llama_gqa_untied"
+    exp = np.load(FIX / name / "expected.npz")
+    _reshard(FIX / name, tmp_path / "sharded", 3)
+    logits = np.asarray(zoo.hf.load(str(tmp_path / "sharded"))(exp["tokens"])[0])
+    np.testing.assert_allclose(logits, exp["logits"], atol=2e-5, rtol=1e-5)
+    bf = _reshard(FIX / name, tmp_path / "bf16", 2, ml_dtypes.bfloat16)
+    src = zoo.hf.CheckpointTensors.from_dir(str(tmp_path / "bf16"))
+    assert {src[k].dtype for k in src} == {np.dtype(ml_dtypes.bfloat16)}
+    (tmp_path / "f32").mkdir()
+    shutil.copy(FIX / name / "config.json", tmp_path / "f32" / "config.json")
+    zoo.hf.write_safetensors(str(tmp_path / "f32" / "model.safetensors"),
+                             {k: v.astype(np.float32) for k, v in bf.items()})
+    got = np.asarray(zoo.hf.load(str(tmp_path / "bf16"))(exp["tokens"])[0])
+    want = np.asarray(zoo.hf.load(str(tmp_path / "f32"))(exp["tokens"])[0])
+    np.testing.assert_array_equal(got, want)
+    # bfloat16 weights (8 mantissa bits) move logits of size ~5 by up to ~0.1 here: a sanity bound
+    np.testing.assert_allclose(got, exp["logits"], atol=0.25)
+    (tmp_path / "sharded" / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"shard model-00002-of-00003\.safetensors named by"):
+        zoo.hf.load(str(tmp_path / "sharded"))

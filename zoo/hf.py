@@ -1,7 +1,10 @@
 """Hugging Face checkpoint import: `zoo.hf.load(path)`.
 
-A checkpoint directory holds `config.json` and `model.safetensors` (read here without torch).
-`load` dispatches on `config.json`'s `architectures[0]` to a converter that the family registers
+A checkpoint directory holds `config.json` and either `model.safetensors` or the shards named by
+`model.safetensors.index.json` (its "weight_map": tensor name -> shard file), read through the
+`safetensors` library without torch: memory-mapped, one tensor at a time (`CheckpointTensors`),
+cast to float32 as each parameter takes it, so host memory stays near the model's own size plus
+one tensor; bfloat16 and float16 checkpoints load the same way. `load` dispatches on `config.json`'s `architectures[0]` to a converter that the family registers
 beside its model:
 
     @hf_converter("LlamaForCausalLM")
@@ -16,7 +19,7 @@ import json
 import math
 import os
 import struct
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -37,8 +40,74 @@ def hf_converter(architecture: str):
     return deco
 
 
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class CheckpointTensors(Mapping):
+    """The tensors of a checkpoint directory by name, read lazily through `safetensors.safe_open`
+    (memory-mapped; a tensor is materialised only when it is asked for). `files`: tensor name ->
+    .safetensors path (one file, or a sharded checkpoint's weight map)."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files = dict(files)
+        self._open: dict[str, Any] = {}
+
+    @classmethod
+    def from_dir(cls, path: str) -> "CheckpointTensors":
+        single, index = os.path.join(path, SINGLE), os.path.join(path, INDEX)
+        if os.path.isfile(single):
+            return cls({name: single for name in _safe_keys(single)})
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+            files = {}
+            for name, shard in weight_map.items():
+                shard_path = os.path.join(path, shard)
+                if not os.path.isfile(shard_path):
+                    raise FileNotFoundError(f"{path}: shard {shard} named by {INDEX} is missing")
+                files[name] = shard_path
+            for shard_path in sorted(set(files.values())):     # every shard holds what it says
+                have = set(_safe_keys(shard_path))
+                missing = [n for n, f in files.items() if f == shard_path and n not in have]
+                if missing:
+                    raise ValueError(f"{shard_path}: no tensor {missing[0]} ({INDEX} names it)")
+            return cls(files)
+        raise FileNotFoundError(f"{path}: no {SINGLE} and no {INDEX}")
+
+    def _handle(self, path: str):
+        if path not in self._open:
+            from safetensors import safe_open
+            self._open[path] = safe_open(path, framework="np")
+        return self._open[path]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.files:
+            raise KeyError(name)
+        return self._handle(self.files[name]).get_tensor(name)
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def _safe_keys(path: str) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="np") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a safetensors file ({str(e).splitlines()[0]})") from None
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a .safetensors file as numpy arrays."""
+    """All tensors of a .safetensors file as numpy arrays (this module's own reader: the tests'
+    byte-level check of what `write_safetensors` wrote; loading goes through the library)."""
     with open(path, "rb") as f:
         raw = f.read()
     if len(raw) < 8:
@@ -99,17 +168,14 @@ def load(path: str) -> nnx.Module:
     if arch not in _CONVERTERS:
         raise ValueError(f"{path}: no converter for architecture {arch!r}; "
                          f"known: {', '.join(sorted(_CONVERTERS))}")
-    st = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(st):
-        raise FileNotFoundError(f"{path}: no model.safetensors (sharded checkpoints are not supported yet)")
-    return _CONVERTERS[arch](config, read_safetensors(st))
+    return _CONVERTERS[arch](config, CheckpointTensors.from_dir(path))
 
 
 class TensorSource:
     """Hands out checkpoint tensors by name, checking shapes and that every one is used."""
 
-    def __init__(self, tensors: dict[str, np.ndarray]):
-        self.tensors = dict(tensors)
+    def __init__(self, tensors: Mapping[str, np.ndarray]):
+        self.tensors = tensors          # not copied: a CheckpointTensors reads on demand
         self.used: set[str] = set()
 
     def take(self, name: str, shape: tuple[int, ...], transpose: bool = False) -> np.ndarray:
