@@ -112,3 +112,27 @@ def test_sharded_and_bfloat16_checkpoints_load(tmp_path):
     (tmp_path / "sharded" / "model-00002-of-00003.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"shard model-00002-of-00003\.safetensors named by"):
         zoo.hf.load(str(tmp_path / "sharded"))
+
+
+def test_load_by_hub_id_from_the_local_cache(tmp_path, monkeypatch):
+    """`zoo.hf.load("org/model")` finds a checkpoint in the local Hugging Face cache (laid out
+    here by hand as the hub client lays it out: refs/main -> snapshots/<commit>/); an id that is
+    not cached is one line naming it and the cache; nothing is downloaded (offline)."""
+    import huggingface_hub.constants as hc
+    cache = tmp_path / "hub"
+    repo = cache / "models--seqzoo-test--tiny-llama"
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(FIX / "llama_gqa_untied" / f, snap / f)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    exp = np.load(FIX / "llama_gqa_untied" / "expected.npz")
+    logits = np.asarray(zoo.hf.load("seqzoo-test/tiny-llama")(exp["tokens"])[0])
+    np.testing.assert_allclose(logits, exp["logits"], atol=2e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match=r"seqzoo-test/absent: not in the local Hugging Face cache"):
+        zoo.hf.load("seqzoo-test/absent")
+    with pytest.raises(FileNotFoundError, match=r"no such checkpoint directory"):
+        zoo.hf.load("./not/here")

@@ -158,8 +158,32 @@ def hf_float(value) -> float:
     return float(value)
 
 
+def resolve(name: str) -> str:
+    """A checkpoint directory: `name` itself when it is one, else a hub id ("org/model") looked up
+    in the local Hugging Face cache (`huggingface_hub`, offline: nothing is downloaded here).
+    One clear error when neither works."""
+    if os.path.isdir(name):
+        return name
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise FileNotFoundError(f"{name}: no such checkpoint directory")
+    try:
+        import huggingface_hub
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        raise ImportError(f"{name}: not a directory; loading by hub id needs huggingface_hub "
+                          "(pip install 'seqzoo[hub]')") from None
+    try:
+        return huggingface_hub.snapshot_download(name, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        raise FileNotFoundError(f"{name}: not in the local Hugging Face cache "
+                                f"({huggingface_hub.constants.HF_HUB_CACHE}); fetch it first with "
+                                f"`hf download {name}`") from None
+
+
 def load(path: str) -> nnx.Module:
-    """Build the seqzoo model for a Hugging Face checkpoint directory and load its weights."""
+    """Build the seqzoo model for a Hugging Face checkpoint (a local directory, or a hub id in
+    the local cache: `resolve`) and load its weights."""
+    path = resolve(path)
     config = load_config(path)
     archs = config.get("architectures") or []
     if not archs:
