@@ -195,6 +195,23 @@ def load(path: str) -> nnx.Module:
     return _CONVERTERS[arch](config, CheckpointTensors.from_dir(path))
 
 
+def build_abstract(build: Callable, cfg) -> nnx.Module:
+    """The model with abstract parameters (`nnx.eval_shape`: nothing allocated, no random init):
+    a converter assigns every parameter from the checkpoint, so loading holds the model once plus
+    the tensor in flight; `check_filled` then proves none was left abstract."""
+    return nnx.eval_shape(lambda: build(cfg, nnx.Rngs(params=0)))
+
+
+def check_filled(model: nnx.Module) -> nnx.Module:
+    import jax
+    for path, var in jax.tree_util.tree_flatten_with_path(
+            nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+        if isinstance(var.get_value(), jax.ShapeDtypeStruct):
+            raise ValueError(f"the checkpoint provides no tensor for parameter "
+                             f"{jax.tree_util.keystr(path)}")
+    return model
+
+
 class TensorSource:
     """Hands out checkpoint tensors by name, checking shapes and that every one is used."""
 
@@ -215,7 +232,9 @@ class TensorSource:
         return arr
 
     def assign(self, var: nnx.Variable, name: str, transpose: bool = False) -> None:
-        var[...] = self.take(name, tuple(var[...].shape), transpose).astype(var[...].dtype)
+        import jax.numpy as jnp
+        cur = var.get_value()           # an array, or a ShapeDtypeStruct (build_abstract)
+        var.set_value(jnp.asarray(self.take(name, tuple(cur.shape), transpose), cur.dtype))
 
     def check_all_used(self, ignore: tuple[str, ...] = ()) -> None:
         left = sorted(k for k in self.tensors if k not in self.used

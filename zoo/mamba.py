@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -269,8 +270,8 @@ def _conv_name(i: int) -> str:
 
 
 def _conv(src: _hf.TensorSource, conv, name: str) -> None:
-    C, K = conv.weight[...].shape
-    conv.weight[...] = src.take(name + ".weight", (C, 1, K))[:, 0, :]
+    C, K = conv.weight.get_value().shape          # also on an abstract model
+    conv.weight.set_value(jnp.asarray(src.take(name + ".weight", (C, 1, K))[:, 0, :]))
     if conv.bias is not None:
         src.assign(conv.bias, name + ".bias")
 
@@ -284,9 +285,9 @@ def _load(model: CausalLM, tensors: dict[str, np.ndarray]) -> CausalLM:
         _conv(src, blk.mixer.conv, _conv_name(i))
     if model.head is None and "lm_head.weight" in tensors:
         # a tied checkpoint may still carry the (equal) head
-        src.take("lm_head.weight", tuple(model.embed.embedding[...].shape))
+        src.take("lm_head.weight", tuple(model.embed.embedding.get_value().shape))
     src.check_all_used()
-    return model
+    return _hf.check_filled(model)
 
 
 def _check_no_bias(hf: dict) -> None:
@@ -309,7 +310,7 @@ def from_hf_mamba(hf: dict, tensors: dict[str, np.ndarray]) -> CausalLM:
         conv_bias=bool(hf.get("use_conv_bias", True)),
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
-    return _load(build_mamba(cfg, nnx.Rngs(params=0)), tensors)
+    return _load(_hf.build_abstract(build_mamba, cfg), tensors)
 
 
 @_hf.hf_converter("Mamba2ForCausalLM")
@@ -331,7 +332,7 @@ def from_hf_mamba2(hf: dict, tensors: dict[str, np.ndarray]) -> CausalLM:
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         block=int(hf.get("chunk_size", 256)))
-    return _load(build_mamba2(cfg, nnx.Rngs(params=0)), tensors)
+    return _load(_hf.build_abstract(build_mamba2, cfg), tensors)
 
 
 def save_hf(model: CausalLM, path: str) -> None:

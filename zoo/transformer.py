@@ -242,7 +242,7 @@ def from_hf_llama(hf: dict, tensors: dict) -> CausalLM:
         qkv_bias=bool(hf.get("attention_bias", False)), out_bias=bool(hf.get("attention_bias", False)))
     if hf.get("mlp_bias"):
         raise ValueError("Llama mlp_bias=True is not supported")
-    model = build_transformer(cfg, nnx.Rngs(params=0))
+    model = _hf.build_abstract(build_transformer, cfg)
     src = _hf.TensorSource(tensors)
     src.assign(model.embed.embedding, "model.embed_tokens.weight")
     for i, blk in enumerate(model.blocks):
@@ -262,4 +262,4 @@ def from_hf_llama(hf: dict, tensors: dict) -> CausalLM:
     if model.head is not None:
         src.assign(model.head.weight, "lm_head.weight", transpose=True)
     src.check_all_used(ignore=("rotary_emb.inv_freq",))
-    return model
+    return _hf.check_filled(model)
