@@ -15,12 +15,19 @@ interrupted cell from its checkpoint, and a finished cell is never retrained).
 Tasks (`TASKS`; the per-cell budget is the steps x batch below, early-stopped at 99 % held-out
 accuracy as Zoology does):
   mqar     MQAR (tasks.md §1), T = 64, 4 key-value pairs, vocabulary 128 (keys 1..63, values
-           64..127), no noise, 1,500 steps x 64 sequences (96,000 fresh sequences, about
-           Zoology's 100,000 training examples of the (64, 4) cell); scored at the training
-           setting and, the harder settings, at 8 and 16 pairs in the same 64 tokens (the
-           accuracy-against-pairs figure).
+           64..127), no noise, at most 10,000 steps x 64 sequences (41 M tokens; early stop
+           checked every 250 steps); scored at the training setting and, the harder settings, at
+           8 and 16 pairs in the same 64 tokens (the accuracy-against-pairs figure). The budget
+           is measured, not guessed: the SwiGLU Transformer at lr 2e-3 sits on the 1/4 plateau
+           (one of the in-context values) for ~2,000 steps, then climbs: held-out 0.755 at step
+           3,000, 0.905 at 4,250, 0.951 at 6,250, 0.964 at 7,000 (runs/probe/, this schedule);
+           1,500 steps (the first setting) left it at 0.26. About 90 min per cell at the
+           Transformer's 7,600 tok/s on this CPU: the MQAR column is a multi-session (or
+           accelerator) sweep, resumable cell by cell.
   passkey  token passkey (tasks.md §3.3): 5 digits, trained at T = 128, 600 steps x 16; scored at
-           T = 128, 256, 512 (1x, 2x, 4x the training length), depths 0 / 0.5 / 1.
+           T = 128, 256, 512 (1x, 2x, 4x the training length), depths 0 / 0.5 / 1. NOT yet a
+           validated setting: the SwiGLU Transformer at lr 2e-3 scores 0.03 exact match at its
+           own training length after these 600 steps (held-out digit accuracy 0.84).
   text     byte-level tinyshakespeare (last 10 % held out), T = 128, 600 steps x 16; held-out
            bits per byte (selection on held-out loss).
 
@@ -67,9 +74,9 @@ class Task:
 
 TASKS = {
     "mqar": Task(data=dict(source="mqar", seq_len=64, vocab_size=128, num_kv_pairs=4),
-                 steps=1500, batch=64, rates=(1e-3, 2e-3, 4e-3),
+                 steps=10_000, batch=64, rates=(1e-3, 2e-3, 4e-3),
                  eval_args=("--tasks=mqar", "--lengths=64", "--mqar_kv=4,8,16",
-                            "--n_examples=512")),
+                            "--n_examples=512"), eval_every=250),
     "passkey": Task(data=dict(source="passkey", passkey_format="tokens", seq_len=128),
                     steps=600, batch=16, rates=(1e-3, 2e-3, 4e-3),
                     eval_args=("--tasks=passkey", "--lengths=128,256,512",
