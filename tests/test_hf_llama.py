@@ -136,3 +136,60 @@ def test_load_by_hub_id_from_the_local_cache(tmp_path, monkeypatch):
         zoo.hf.load("seqzoo-test/absent")
     with pytest.raises(FileNotFoundError, match=r"no such checkpoint directory"):
         zoo.hf.load("./not/here")
+
+
+def test_save_hf_round_trip_matches_the_transformers_files(tmp_path):
+    """load -> zoo.hf.save -> load gives the same logits; the written tensor names and shapes and
+    the config.json fields transformers reads equal the transformers-made fixture's; above the
+    shard threshold the same model is written in shards with an index and loads the same."""
+    from safetensors import safe_open
+    for name in ("llama_gqa_untied", "llama_mha_tied"):
+        exp = np.load(FIX / name / "expected.npz")
+        model = zoo.hf.load(str(FIX / name))
+        cfg = zoo.transformer.llama_config(zoo.hf.load_config(str(FIX / name)))
+        out = tmp_path / name
+        zoo.hf.save("transformer", model, cfg, str(out))
+        with safe_open(str(FIX / name / "model.safetensors"), "np") as a, \
+                safe_open(str(out / "model.safetensors"), "np") as b:
+            assert set(a.keys()) - {k for k in a.keys() if "rotary" in k} == set(b.keys())
+            for k in b.keys():
+                assert a.get_slice(k).get_shape() == b.get_slice(k).get_shape(), k
+        theirs = json.loads((FIX / name / "config.json").read_text())
+        ours = json.loads((out / "config.json").read_text())
+        for k in ("architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
+                  "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "tie_word_embeddings", "rms_norm_eps"):
+            assert ours[k] == theirs[k], k
+        logits = np.asarray(zoo.hf.load(str(out))(exp["tokens"])[0])
+        np.testing.assert_allclose(logits, exp["logits"], atol=2e-5, rtol=1e-5)
+    files = zoo.hf.save("transformer", model, cfg, str(tmp_path / "sharded"), max_shard_bytes=20_000)
+    assert "model.safetensors.index.json" in files and len(files) > 3
+    np.testing.assert_array_equal(np.asarray(zoo.hf.load(str(tmp_path / "sharded"))(exp["tokens"])[0]),
+                                  np.asarray(zoo.hf.load(str(out))(exp["tokens"])[0]))
+    with pytest.raises(ValueError, match=r"model 'gam' has no Hugging Face format"):
+        zoo.hf.save("gam", model, cfg, str(tmp_path / "x"))
+
+
+def test_export_a_trained_run(tmp_path, capsys):
+    """python -m eval.export writes a trained run's parameters as a Hugging Face checkpoint that
+    loads to the same logits; a configuration without a Llama equivalent (attention-only blocks)
+    and a family without a format are one line, exit 2."""
+    from train_helpers import tiny_cfg
+
+    from eval import export
+    from train import trainer as T
+    from train.rundir import RunDir
+    run = tmp_path / "run"
+    T.train(tiny_cfg(run, **{"model.ffn": "swiglu", "train.steps": 3}), verbose=False)
+    assert export.main([f"--run_dir={run}", f"--out={tmp_path / 'hf'}"]) == 0
+    from flax import nnx
+    _, _, graphdef, params = RunDir(run).restore_params()
+    toks = np.arange(24, dtype=np.int32).reshape(2, 12) % 60
+    want = np.asarray(nnx.merge(graphdef, params)(toks)[0])
+    got = np.asarray(zoo.hf.load(str(tmp_path / "hf"))(toks)[0])
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+    T.train(tiny_cfg(tmp_path / "plain", **{"train.steps": 1}), verbose=False)
+    capsys.readouterr()
+    assert export.main([f"--run_dir={tmp_path / 'plain'}", f"--out={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no Llama equivalent (ffn='none')" in err, err

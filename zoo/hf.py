@@ -142,6 +142,71 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
         f.write(struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
 
 
+_EXPORTERS: dict[str, Callable] = {}
+MAX_SHARD_BYTES = 5 * 2**30      # transformers' default max_shard_size ("5GB")
+
+
+def hf_exporter(name: str):
+    """Register `fn(model, cfg) -> (hf config dict, {tensor name: array})` for registry entry
+    `name` (the inverse of its converter)."""
+    def deco(fn):
+        _EXPORTERS[name] = fn
+        return fn
+    return deco
+
+
+def exporters() -> list[str]:
+    return sorted(_EXPORTERS)
+
+
+def write_checkpoint(path: str, config: dict, tensors: dict[str, np.ndarray],
+                     max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """`config.json` plus `model.safetensors`, or, above `max_shard_bytes`, shards named as
+    transformers names them (model-00001-of-0000N.safetensors, filled in name order) with
+    `model.safetensors.index.json`. Returns the files written."""
+    from safetensors.numpy import save_file
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    total = sum(a.nbytes for a in arrays.values())
+    if total <= max_shard_bytes:
+        save_file(arrays, os.path.join(path, SINGLE), metadata={"format": "pt"})
+        return ["config.json", SINGLE]
+    shards, cur, size = [], [], 0
+    for name in sorted(arrays):
+        if cur and size + arrays[name].nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(name)
+        size += arrays[name].nbytes
+    shards.append(cur)
+    files, weight_map = [], {}
+    for i, names in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: arrays[k] for k in names}, os.path.join(path, fname),
+                  metadata={"format": "pt"})
+        weight_map.update({k: fname for k in names})
+        files.append(fname)
+    with open(os.path.join(path, INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return ["config.json", *files, INDEX]
+
+
+def save(name: str, model: nnx.Module, cfg, path: str,
+         max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """Write registry entry `name`'s model (its typed config `cfg`) as a Hugging Face checkpoint
+    that transformers and `load` read; ValueError naming the family when it has no public
+    format (or this configuration has none)."""
+    if name not in _EXPORTERS:
+        raise ValueError(f"model {name!r} has no Hugging Face format (exportable: "
+                         f"{', '.join(exporters())})")
+    config, tensors = _EXPORTERS[name](model, cfg)
+    return write_checkpoint(path, config,
+                            {k: np.asarray(v, np.float32) for k, v in tensors.items()},
+                            max_shard_bytes)
+
+
 def load_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):

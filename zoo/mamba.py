@@ -335,12 +335,23 @@ def from_hf_mamba2(hf: dict, tensors: dict[str, np.ndarray]) -> CausalLM:
     return _load(_hf.build_abstract(build_mamba2, cfg), tensors)
 
 
-def save_hf(model: CausalLM, path: str) -> None:
+def save_hf(model: CausalLM, path: str, max_shard_bytes: int = _hf.MAX_SHARD_BYTES) -> list[str]:
     """Export a seqzoo `mamba` / `mamba2` LM as a Hugging Face checkpoint directory
-    (`config.json` + `model.safetensors`, the layout `from_hf_mamba*` reads back; `block`
-    becomes Mamba2's `chunk_size`)."""
-    import json
-    import os
+    (`config.json` + `model.safetensors`, sharded above `max_shard_bytes`: the layout
+    `from_hf_mamba*` and transformers read back; `block` becomes Mamba2's `chunk_size`)."""
+    config, t = to_hf_mamba(model)
+    return _hf.write_checkpoint(path, config, {k: np.ascontiguousarray(v, np.float32)
+                                               for k, v in t.items()}, max_shard_bytes)
+
+
+@_hf.hf_exporter("mamba")
+@_hf.hf_exporter("mamba2")
+def _export(model: CausalLM, cfg=None) -> tuple[dict, dict]:
+    return to_hf_mamba(model)
+
+
+def to_hf_mamba(model: CausalLM) -> tuple[dict, dict]:
+    """The inverse of `from_hf_mamba` / `from_hf_mamba2`: (config.json dict, tensors)."""
     mx0 = model.blocks[0].mixer
     V, D = model.embed.embedding[...].shape
     eps = float(model.final_norm.eps)
@@ -371,8 +382,4 @@ def save_hf(model: CausalLM, path: str) -> None:
         cfg = dict(architectures=["MambaForCausalLM"], model_type="mamba",
                    intermediate_size=int(mx0.d_inner), expand=max(1, int(mx0.d_inner // D)),
                    time_step_rank=int(mx0.dt_rank), **common)
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    _hf.write_safetensors(os.path.join(path, "model.safetensors"),
-                          {k: np.ascontiguousarray(v, np.float32) for k, v in t.items()})
+    return cfg, t

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 from flax import nnx
 
 from layers.attention import Attention, attention_mixer_flops
@@ -224,6 +225,12 @@ from zoo import hf as _hf  # noqa: E402
 @_hf.hf_converter("LlamaForCausalLM")
 def from_hf_llama(hf: dict, tensors: dict) -> CausalLM:
     """Llama checkpoints: same half-split RoPE and `repeat_kv` GQA mapping as seqzoo."""
+    cfg = llama_config(hf)
+    return _fill_llama(_hf.build_abstract(build_transformer, cfg), tensors)
+
+
+def llama_config(hf: dict) -> TransformerConfig:
+    """The TransformerConfig of a Llama config.json (one error line for what it cannot carry)."""
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
@@ -242,7 +249,10 @@ def from_hf_llama(hf: dict, tensors: dict) -> CausalLM:
         qkv_bias=bool(hf.get("attention_bias", False)), out_bias=bool(hf.get("attention_bias", False)))
     if hf.get("mlp_bias"):
         raise ValueError("Llama mlp_bias=True is not supported")
-    model = _hf.build_abstract(build_transformer, cfg)
+    return cfg
+
+
+def _fill_llama(model: CausalLM, tensors) -> CausalLM:
     src = _hf.TensorSource(tensors)
     src.assign(model.embed.embedding, "model.embed_tokens.weight")
     for i, blk in enumerate(model.blocks):
@@ -263,3 +273,46 @@ def from_hf_llama(hf: dict, tensors: dict) -> CausalLM:
         src.assign(model.head.weight, "lm_head.weight", transpose=True)
     src.check_all_used(ignore=("rotary_emb.inv_freq",))
     return _hf.check_filled(model)
+
+
+@_hf.hf_exporter("transformer")
+def to_hf_llama(model: CausalLM, cfg: TransformerConfig) -> tuple[dict, dict]:
+    """The inverse of `from_hf_llama`: a Llama config.json and its tensors (PyTorch layout)."""
+    bad = [f"{k}={getattr(cfg, k)!r}" for k, want in (("ffn", "swiglu"), ("norm", "rms"),
+                                                       ("pos_embed", "none"), ("mlp_bias", False),
+                                                       ("window", None))
+           if getattr(cfg, k) != want]
+    if cfg.rope_base is None:
+        bad.append("rope_base=None")
+    if cfg.qkv_bias != cfg.out_bias:
+        bad.append("qkv_bias != out_bias")
+    if bad:
+        raise ValueError(f"this transformer has no Llama equivalent ({', '.join(bad)})")
+    t = {"model.embed_tokens.weight": model.embed.embedding[...],
+         "model.norm.weight": model.final_norm.weight[...]}
+    for i, blk in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        att = blk.mixer
+        for ours, theirs in ((att.wq, "q_proj"), (att.wk, "k_proj"), (att.wv, "v_proj"),
+                             (att.wo, "o_proj")):
+            t[p + f"self_attn.{theirs}.weight"] = np.asarray(ours.weight[...]).T
+            if ours.bias is not None:
+                t[p + f"self_attn.{theirs}.bias"] = ours.bias[...]
+        for ours, theirs in ((blk.ffn.w1, "gate_proj"), (blk.ffn.w3, "up_proj"),
+                             (blk.ffn.w2, "down_proj")):
+            t[p + f"mlp.{theirs}.weight"] = np.asarray(ours.weight[...]).T
+        t[p + "input_layernorm.weight"] = blk.norm1.weight[...]
+        t[p + "post_attention_layernorm.weight"] = blk.norm2.weight[...]
+    if model.head is not None:
+        t["lm_head.weight"] = np.asarray(model.head.weight[...]).T
+    n_kv = cfg.n_kv_heads or cfg.n_heads
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+              "intermediate_size": int(model.blocks[0].ffn.w1.weight[...].shape[1]),
+              "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+              "num_key_value_heads": n_kv, "head_dim": cfg.head_dim or cfg.dim // cfg.n_heads,
+              "hidden_act": "silu", "max_position_embeddings": cfg.max_len,
+              "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_base,
+              "tie_word_embeddings": model.head is None, "attention_bias": cfg.qkv_bias,
+              "mlp_bias": False, "torch_dtype": "float32"}
+    return config, t
