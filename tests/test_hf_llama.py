@@ -13,8 +13,11 @@ import zoo.hf
 FIX = pathlib.Path(__file__).parent / "fixtures" / "hf"
 
 
-@pytest.mark.parametrize("name", ["llama_mha_tied", "llama_gqa_untied", "llama_gqa_tied"])
+@pytest.mark.parametrize("name", ["llama_mha_tied", "llama_gqa_untied", "llama_gqa_tied",
+                                  "llama_sharded", "llama_bf16"])
 def test_llama_logits_match_transformers(name):
+    """Including a checkpoint transformers saved in 8 shards with its index, and one it saved in
+    bfloat16 (the reference: transformers reading it back in float32)."""
     model = zoo.hf.load(str(FIX / name))
     exp = np.load(FIX / name / "expected.npz")
     logits, _, _ = model(exp["tokens"])
