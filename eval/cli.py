@@ -25,6 +25,7 @@ from typing import Sequence
 
 from eval import tasks as tasks_lib
 from eval.results import ResultsStore, markdown_table
+from train.errors import one_line
 
 
 class EvalError(Exception):
@@ -119,10 +120,6 @@ def run_name(run_dir: str) -> str:
     return os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
 
 
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__).strip("'\"")
-
 
 @dataclasses.dataclass
 class RunPlan:
@@ -147,13 +144,13 @@ def plan_runs(args, run_dirs: list[str]) -> list[RunPlan]:
             cfg = run.read_config()
             steps = run.steps()
         except (FileNotFoundError, OSError, ValueError) as e:
-            raise EvalError(_one_line(e)) from None
+            raise EvalError(one_line(e)) from None
         if not steps:
             raise EvalError(f"run directory {d!r} has no checkpoint")
         try:
             model_name, model_cfg = run.model_config()
         except (ValueError, KeyError, TypeError) as e:
-            raise EvalError(f"{d}: config does not fit the code: {_one_line(e)}") from None
+            raise EvalError(f"{d}: config does not fit the code: {one_line(e)}") from None
         out = args.out or run.eval_path
         key = os.path.abspath(out)
         if key not in stores:
@@ -190,7 +187,7 @@ def _main(argv) -> int:
     try:
         task_list = [tasks_lib.get_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
     except ValueError as e:
-        raise EvalError(_one_line(e)) from None
+        raise EvalError(one_line(e)) from None
     run_dirs = expand_run_dirs(args.run_dir)
     plans = plan_runs(args, run_dirs)
     opts = options(args)
@@ -206,7 +203,7 @@ def _main(argv) -> int:
     try:
         mesh = make_mesh(args.mesh)
     except ValueError as e:
-        raise EvalError(f"--mesh: {_one_line(e)}") from None
+        raise EvalError(f"--mesh: {one_line(e)}") from None
 
     # every unit of the sweep, known before restoring anything
     units = []
@@ -238,10 +235,10 @@ def _main(argv) -> int:
             except CorruptCheckpoint as e:
                 failures += 1
                 corrupt.add((plan.run_dir, step))
-                tqdm.write(f"eval: skipping {plan.name}@{step}: {_one_line(e)}", file=sys.stderr)
+                tqdm.write(f"eval: skipping {plan.name}@{step}: {one_line(e)}", file=sys.stderr)
                 continue
             except (FileNotFoundError, ValueError, KeyError) as e:
-                raise EvalError(_one_line(e)) from None
+                raise EvalError(one_line(e)) from None
             model = Model(graphdef, params, vocab_size=int(model_cfg.vocab_size),
                           max_len=zoo.get(name).max_len(model_cfg), name=name, mesh=mesh)
             loaded = ((plan.run_dir, step), model)
@@ -251,7 +248,7 @@ def _main(argv) -> int:
         except (ValueError, RuntimeError) as e:
             failures += 1
             tqdm.write(f"eval: {plan.name}@{step} {task.name} {setting.name} failed: "
-                       f"{_one_line(e)}", file=sys.stderr)
+                       f"{one_line(e)}", file=sys.stderr)
             continue
         plan.store.append([dict(run=plan.name, model=plan.model_name, step=step, task=task.name,
                                 setting=setting.name, metric=k, value=v)

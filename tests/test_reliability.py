@@ -18,6 +18,7 @@ from train import config as C
 from train import guard as G
 from train import optim
 from train import trainer as T
+from train.faults import TrainingFault
 from train.metrics import read_jsonl
 from train.rundir import CorruptCheckpoint, RunDir
 
@@ -102,7 +103,7 @@ def _poison_at(monkeypatch, k):
 def test_trainer_stops_on_nonfinite_with_last_good_checkpoint(tmp_path, monkeypatch):
     run = tmp_path / "run"
     _poison_at(monkeypatch, 5)
-    with pytest.raises(T.TrainingFault, match=r"non-finite loss or gradient at step 5 .*"
+    with pytest.raises(TrainingFault, match=r"non-finite loss or gradient at step 5 .*"
                                               r"last complete checkpoint is step 3"):
         T.train(tiny_cfg(run), verbose=False)
     assert RunDir(run).steps() == [3] and RunDir(run).verify(3) is None
@@ -239,7 +240,7 @@ def test_failing_save_warns_and_keeps_training(tmp_path, monkeypatch, capsys):
     # a final save that fails ends the run with one line naming the last complete step; keep=1
     # never deleted the only complete checkpoint
     failing.add(9)
-    with pytest.raises(T.TrainingFault, match=r"final checkpoint \(step 9\) could not be written.*"
+    with pytest.raises(TrainingFault, match=r"final checkpoint \(step 9\) could not be written.*"
                                               r"last complete one is step 6"):
         T.train(tiny_cfg(run, **{"checkpoint.keep": 1, "train.steps": 9}), verbose=False)
     assert RunDir(run).steps() == [6] and RunDir(run).verify(6) is None

@@ -115,13 +115,13 @@ def main(argv) -> None:
     distributed.setup(cfg)
     import jax
 
-    from train import trainer
+    from train import faults, trainer
     try:
         config_lib.fit_devices(cfg, jax.device_count())
         trainer.Trainer(cfg, model_cfg).run()
     except config_lib.ConfigError as e:
         _fail(str(e))
-    except trainer.TrainingFault as e:   # a non-finite step, a disk that failed: nothing lost
+    except faults.TrainingFault as e:   # a non-finite step, a disk that failed: nothing lost
         print(f"train: stopped: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
 

@@ -34,6 +34,7 @@ from ml_collections import config_dict
 
 import zoo
 from train import sharding
+from train.errors import one_line
 
 
 class ConfigError(ValueError):
@@ -268,7 +269,7 @@ def resolve(cfg: ml_collections.ConfigDict, *, device_count: int | None = None):
     except ConfigError:
         raise
     except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(one_line(e)) from None
 
     # model
     _need("name" in cfg.model, "config key model.name is missing (a zoo registry name)")
@@ -289,7 +290,7 @@ def resolve(cfg: ml_collections.ConfigDict, *, device_count: int | None = None):
     try:
         model_cfg = zoo.make_config(name, fields)
     except (ValueError, TypeError) as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(one_line(e)) from None
     entry = zoo.get(name)
     max_len = entry.max_len(model_cfg)
     _need(max_len is None or max_len >= cfg.data.seq_len,
@@ -302,7 +303,7 @@ def resolve(cfg: ml_collections.ConfigDict, *, device_count: int | None = None):
         try:
             remat_policy(remat)
         except ValueError as e:
-            raise ConfigError(f"model.remat: {_one_line(e)}") from None
+            raise ConfigError(f"model.remat: {one_line(e)}") from None
     cd = getattr(model_cfg, "compute_dtype", "float32")
     _need(cd in ("float32", "bfloat16", "float16"),
           f"model.compute_dtype={cd!r} is not one of float32, bfloat16, float16")
@@ -377,11 +378,6 @@ def fit_devices(cfg: ml_collections.ConfigDict, device_count: int) -> ml_collect
           f"eval.batch_size={cfg.eval.batch_size} is not divisible by the data-parallel size {dp}")
     return cfg
 
-
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    msg = msg[0] if msg else type(e).__name__
-    return msg.strip("'\"")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

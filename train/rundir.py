@@ -41,6 +41,8 @@ import os
 import shutil
 from typing import TYPE_CHECKING
 
+from train.errors import one_line
+
 if TYPE_CHECKING:   # imported where used: reading the layout needs neither JAX nor orbax
     import ml_collections
     import orbax.checkpoint as ocp
@@ -61,9 +63,9 @@ class CorruptCheckpoint(ValueError):
     """A checkpoint step whose files do not match its checksums, or cannot be read."""
 
 
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}".strip()
+def _why(e: BaseException) -> str:
+    return one_line(e, with_type=True)
+
 
 
 def _file_digests(root: str) -> dict:
@@ -165,7 +167,7 @@ class RunDir:
                 with open(self.config_path, encoding="utf-8") as f:
                     d = json.load(f)
             except ValueError as e:   # not JSON (a truncated or foreign file)
-                raise ValueError(f"{where} is not valid JSON ({_one_line(e)})") from None
+                raise ValueError(f"{where} is not valid JSON ({_why(e)})") from None
             sections = ("model", "data", "train", "mesh", "checkpoint", "eval")
             if not isinstance(d, dict) or not all(isinstance(d.get(k), dict) for k in sections):
                 raise ValueError(f"{where} is not a seqzoo config (a JSON object with the "
@@ -175,7 +177,7 @@ class RunDir:
             try:
                 self._config = config_lib.from_jsonable(d)
             except (TypeError, ValueError, KeyError, AttributeError) as e:
-                raise ValueError(f"{where} is not a seqzoo config ({_one_line(e)})") from None
+                raise ValueError(f"{where} is not a seqzoo config ({_why(e)})") from None
         return self._config
 
     def model_config(self):
@@ -187,7 +189,7 @@ class RunDir:
             return config_lib.model_config_from(cfg)
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise ValueError(f"{os.path.join(self.given, CONFIG_JSON)}: the model section does "
-                             f"not fit the code ({_one_line(e)})") from None
+                             f"not fit the code ({_why(e)})") from None
 
     # -- checkpoints
     def steps(self) -> list[int]:
@@ -238,7 +240,7 @@ class RunDir:
             with open(self.checksum_path(step)) as f:
                 want = json.load(f)
         except (OSError, ValueError) as e:
-            return f"its checksum file cannot be read ({_one_line(e)})"
+            return f"its checksum file cannot be read ({_why(e)})"
         root = self.step_path(step)
         for rel, (size, digest) in sorted(want.items()):
             path = os.path.join(root, rel)
@@ -372,7 +374,7 @@ class RunDir:
             raise
         except Exception as e:   # tensorstore / orbax on a damaged step that has no checksums
             raise CorruptCheckpoint(f"checkpoint step {step} of {self.given!r} cannot be read: "
-                                    f"{_one_line(e)}") from None
+                                    f"{_why(e)}") from None
         return name, model_cfg, graphdef, params
 
     # -- logs

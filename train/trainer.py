@@ -31,20 +31,15 @@ from jax.sharding import PartitionSpec as P
 import zoo
 from train import checkpoint as ckpt
 from train import config as config_lib
+from train import faults, optim
 from train import guard as guard_lib
 from train import mfu as mfu_lib
-from train import optim
 from train import sharding as sh
 from train.metrics import Progress, fmt_time
 from train.rundir import RunDir
 from zoo import lm
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids")
-
-
-class TrainingFault(RuntimeError):
-    """The run stopped on a fault (a non-finite step under train.nonfinite=stop, a final checkpoint
-    that could not be written, no readable checkpoint to resume from): one line, nothing lost."""
 
 
 # ----------------------------------------------------------------------------- pure steps
@@ -156,6 +151,7 @@ class Setup:
     abstract_params: dict
     param_shardings: dict
     opt: optax.GradientTransformation
+    abstract_opt_state: Any
     opt_shardings: Any
     train_step: Any          # the pure step function
     eval_step: Any
@@ -179,7 +175,7 @@ def build_setup(cfg, model_cfg, devices=None) -> Setup:
     fpt = mfu_lib.flops_per_token(name, model_cfg, cfg.data.seq_len)
     return Setup(cfg=cfg, model_name=name, model_cfg=model_cfg, mesh=mesh, graphdef=graphdef,
                  abstract_params=abstract_params, param_shardings=p_sh, opt=opt,
-                 opt_shardings=o_sh, train_step=step, eval_step=make_eval_step(graphdef),
+                 abstract_opt_state=abstract_opt, opt_shardings=o_sh, train_step=step, eval_step=make_eval_step(graphdef),
                  batch_spec=sh.BATCH_AXES_SPEC, flops_per_token=fpt)
 
 
@@ -301,11 +297,6 @@ class Trainer:
             flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
         return flag
 
-    def _sync(self, name: str) -> None:
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices(f"seqzoo:{name}")
-
     def log(self, text: str) -> None:
         if self.verbose:
             print(text, flush=True)
@@ -318,17 +309,15 @@ class Trainer:
         cfg = self.cfg
         s = self.s
         state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in
-                          jax.tree.leaves((s.abstract_params, jax.eval_shape(
-                              s.opt.init, s.abstract_params))))
-        try:   # an unwritable or full disk is reported before anything compiles
-            self.rundir.probe_writable(need_bytes=state_bytes)   # creates the run directory
-        except OSError as e:
-            raise config_lib.ConfigError(f"checkpoint.dir: {e}") from None
+                          jax.tree.leaves((s.abstract_params, s.abstract_opt_state)))
+        # an unwritable or full disk is reported before anything compiles
+        faults.probe_storage(self.rundir, state_bytes)   # creates the run directory
         cfg_json = config_lib.to_jsonable(cfg)
         if self.is_main:
             self.rundir.write_config(cfg_json)
         mngr = self.rundir.manager(keep=cfg.checkpoint.keep,
                                    async_save=cfg.checkpoint.async_save)
+        self.ckpts = faults.Checkpoints(self.rundir, mngr, is_main=self.is_main, warn=self.warn)
         writer = self.rundir.metrics_writer(enabled=self.is_main)
         old_handler = None
         try:
@@ -336,7 +325,7 @@ class Trainer:
         except ValueError:   # not the main thread
             pass
         try:
-            return self._run(mngr, writer, cfg_json)
+            return self._run(self.ckpts, writer, cfg_json)
         finally:
             try:
                 mngr.wait_until_finished()
@@ -347,56 +336,7 @@ class Trainer:
             if old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler)
 
-    # -- checkpoints
-    def _seal(self, mngr) -> None:
-        """Wait for the save in flight, then write the checksums of the committed steps."""
-        mngr.wait_until_finished()
-        if self.is_main:
-            self.rundir.seal()
-
-    def _save(self, mngr, done: int, state: dict, cfg_json, it) -> bool:
-        """Save a step; on a failing disk warn (the state stays in memory, the next save
-        retries) and return False."""
-        if int(state["guard"]["first_bad"]) >= 0:   # never save after a non-finite step
-            return False
-        try:
-            self._seal(mngr)
-            self.rundir.save(mngr, done, state, cfg_json, it)
-            return True
-        except OSError as e:
-            self.warn(f"checkpoint save at step {done} failed ({e.strerror or e}): training goes "
-                      f"on in memory and the next save retries; the last complete checkpoint is "
-                      f"step {self.rundir.latest_step()}")
-            return False
-
-    def _resume(self, mngr, target: dict, it):
-        """(restored state, step) of the latest readable checkpoint, or (None, None). A damaged
-        step (checksums wrong, or unreadable before it was sealed) is moved to <run>/corrupt/
-        with one warning naming it, and the one before it is tried."""
-        tried = []
-        for st in reversed(self.rundir.steps()):
-            problem = self.rundir.verify(st)
-            if problem is None:
-                try:
-                    return self.rundir.restore(mngr, st, target, it), st
-                except Exception as e:
-                    if self.rundir.is_sealed(st):    # its files are as written: not damage
-                        raise
-                    problem = f"cannot be read: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            self._sync("verified")       # every process judged the step before it moves
-            moved = self.rundir.quarantine(st) if self.is_main else "<run>/corrupt"
-            self._sync("quarantined")
-            tried.append(st)
-            self.warn(f"checkpoint step {st} of {self.rundir.given} is corrupt ({problem}); "
-                      f"moved to {moved}, falling back to the previous checkpoint")
-            mngr.reload()
-        if tried:
-            raise TrainingFault(f"no readable checkpoint in {self.rundir.checkpoints_path} (steps "
-                                f"{tried} are corrupt, moved to {self.rundir.path}/corrupt/); "
-                                "run again to start from step 0")
-        return None, None
-
-    def _run(self, mngr, writer, cfg_json) -> dict:
+    def _run(self, ck: faults.Checkpoints, writer, cfg_json) -> dict:
         cfg, s = self.cfg, self.s
         t = cfg.train
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_params))
@@ -415,7 +355,7 @@ class Trainer:
             {"params": params, "opt_state": opt_state, "step": step, "guard": guard},
             {"params": s.param_shardings, "opt_state": s.opt_shardings, "step": rep,
              "guard": jax.tree.map(lambda _: rep, guard)})
-        restored, latest = self._resume(mngr, target, it)
+        restored, _ = ck.resume(target, it)
         if restored is not None:
             params, opt_state, step = restored["params"], restored["opt_state"], restored["step"]
             guard = restored.get("guard", guard)
@@ -471,7 +411,7 @@ class Trainer:
                 progress.update(done, rec["loss"], tps, mfu, eta)
                 last_t, last_step = now, done
                 if int(m["first_bad"]) >= 0:
-                    self._nonfinite(mngr, writer, int(m["first_bad"]))
+                    ck.stop_nonfinite(writer, int(m["first_bad"]))
             if cfg.eval.every and done % cfg.eval.every == 0 and done != end:
                 ev = self.evaluate(params)
                 last_eval = (done, ev)
@@ -487,9 +427,9 @@ class Trainer:
                     end = done
                     break
             if done % cfg.checkpoint.every == 0 and done != end:
-                if not self._save(mngr, done, state(), cfg_json, it):
+                if not ck.save(done, state(), cfg_json, it):
                     if int(guard["first_bad"]) >= 0:
-                        self._nonfinite(mngr, writer, int(guard["first_bad"]))
+                        ck.stop_nonfinite(writer, int(guard["first_bad"]))
                 last_t, last_step = time.perf_counter(), done
             if self._stop_requested():
                 status = "preempted"
@@ -498,18 +438,8 @@ class Trainer:
         train_s = time.perf_counter() - t_start
         final = int(step)
         if int(guard["first_bad"]) >= 0:
-            self._nonfinite(mngr, writer, int(guard["first_bad"]))
-        if mngr.latest_step() != final:
-            if not self._save(mngr, final, state(), cfg_json, it):
-                raise TrainingFault(f"the final checkpoint (step {final}) could not be written to "
-                                    f"{self.rundir.checkpoints_path}; the last complete one is "
-                                    f"step {self.rundir.latest_step()}")
-        try:
-            self._seal(mngr)
-        except OSError as e:
-            raise TrainingFault(f"the final checkpoint (step {final}) could not be written "
-                                f"({e.strerror or e}); the last complete one is step "
-                                f"{self.rundir.latest_step()}") from None
+            ck.stop_nonfinite(writer, int(guard["first_bad"]))
+        ck.finish(final, state(), cfg_json, it)
         if status == "preempted":   # no final eval: the preemption deadline is short
             took = time.perf_counter() - getattr(self, "_signal_t", time.perf_counter())
             deadline = cfg.checkpoint.preempt_deadline_s
@@ -529,24 +459,12 @@ class Trainer:
             self.log(f"final @ step {final}: val_loss {ev['val_loss']:.4f}  "
                      f"val_accuracy {ev['val_accuracy']:.4f}  (train {fmt_time(train_s)}, "
                      f"compile {compile_s:.1f} s)")
-        self.log(f"checkpoints: {self.rundir.checkpoints_path}  (steps {mngr.all_steps()})")
+        self.log(f"checkpoints: {self.rundir.checkpoints_path}  (steps {ck.mngr.all_steps()})")
         self.log(f"metrics:     {self.rundir.metrics_path}")
         self.log(f"tensorboard: tensorboard --logdir {self.rundir.tb_path}")
         return {"status": status, "step": final, "losses": losses, "history": history,
                 "eval": ev, "params": params, "train_s": train_s, "compile_s": compile_s,
                 "run_dir": self.run_dir, "skipped": int(guard["skipped"])}
-
-    def _nonfinite(self, mngr, writer, bad_step: int):
-        """train.nonfinite=stop: record the step and stop; nothing after it is saved."""
-        try:
-            self._seal(mngr)
-        except OSError:
-            pass
-        writer.write({"step": bad_step, "event": "nonfinite"})
-        raise TrainingFault(f"non-finite loss or gradient at step {bad_step} "
-                            f"(train.nonfinite=stop): stopped without saving; the last complete "
-                            f"checkpoint is step {self.rundir.latest_step()} in "
-                            f"{self.rundir.checkpoints_path}")
 
 
 def train(cfg, *, verbose: bool = True, devices=None) -> dict:
