@@ -7,7 +7,9 @@
                                            16 heads, T 4096, chunk 16) on pre-tokenized
                                            `.bin` tokens; meant for accelerators, only
                                            eval_shape'd in the tests
-The memory chunk `chunk`, the MAC segment `segment` and the window `window` are part of the
+The paper's variants are model flags: `--config.model.n_persistent=0` (LMM without persistent
+memory, Table 5's ablation row), `--config.model.mal_layout=literal` (MAL as SWA(LMM([P; x]))
+instead of the alternating Samba-style blocks). The memory chunk `chunk`, the MAC segment `segment` and the window `window` are part of the
 model (titans.md §4.3): change them only together with a fresh run.
 """
 from train import config as C

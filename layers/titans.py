@@ -1,4 +1,4 @@
-"""Titans' hosts (specs/titans.md §3.3–3.6): persistent memory, MAC and MAG around ANY memory.
+"""Titans' hosts (specs/titans.md §3.3–3.6): persistent memory, MAC, MAG, MAL around ANY memory.
 
 A host takes its memory mixer as an argument: a built `layers.memory.NeuralMemory` (or a
 subclass: the ATLAS / Miras memories plug in unchanged) or a factory `rngs -> memory`, called
@@ -15,7 +15,10 @@ count, eps, `impl` and `block` are explicit arguments.
   divides C); retrieval h = W_h M_{W_start}(q(x)), attention over [P; h_{<=i}; x_{<=i}] of the
   current segment (the position-aligned mask: h_j carries x_j's position), memory written from
   the attention output y, output RMSNorm(y) * sigmoid(RMSNorm(m)).
-MAL's blocks are a `PrefixedMemory` and a plain `layers.attention.Attention` (§3.6).
+* `MALMixer` (§3.6, the paper's literal form): x~ = [P; x], y = LMM(x~), o = SWA(y), the
+  attention reading the memory's outputs at the persistent positions too.
+The spec's chosen MAL layout (Samba style) needs no mixer of its own: alternating blocks of a
+`PrefixedMemory` and a plain `layers.attention.Attention` (no prefix).
 """
 from __future__ import annotations
 
@@ -66,16 +69,25 @@ def prefixed_memory_flops(memory: float, *, n_persistent: int, seq_len: int) -> 
     return memory * (1.0 + n_persistent / seq_len)
 
 
-def mag_mixer_flops(memory: float, *, dim: int, n_heads: int, keys: int, n_persistent: int,
+def mal_mixer_flops(memory: float, *, dim: int, n_heads: int, keys: int, n_persistent: int,
                     seq_len: int) -> float:
-    """Forward FLOPs per token of `MAGMixer` (titans.md §3.5): the prefixed memory
-    (`prefixed_memory_flops`), the attention (`attention_mixer_flops` with `keys` keys per
-    query, the persistent ones included), the persistent keys and values W_k P, W_v P that a
-    call computes once (counted once per sequence) and W_o."""
+    """Forward FLOPs per token of `MALMixer` (titans.md §3.6, literal): the prefixed memory
+    (`prefixed_memory_flops`; its read of P gives y_P), the attention over `keys` keys per query
+    (the N_p prefix ones included; `attention_mixer_flops`) and the prefix keys and values
+    W_k y_P, W_v y_P that a call computes once (counted once per sequence)."""
     D, Np = dim, n_persistent
     attn = attention_mixer_flops(D, n_heads, n_heads, D // n_heads, keys)
     return (prefixed_memory_flops(memory, n_persistent=Np, seq_len=seq_len) + attn
-            + 2 * 2.0 * Np * D * D / seq_len + 2.0 * D * D)
+            + 2 * 2.0 * Np * D * D / seq_len)
+
+
+def mag_mixer_flops(memory: float, *, dim: int, n_heads: int, keys: int, n_persistent: int,
+                    seq_len: int) -> float:
+    """Forward FLOPs per token of `MAGMixer` (titans.md §3.5): the same pieces as
+    `mal_mixer_flops` (the memory on [P; x] and the attention with N_p persistent keys W_k P,
+    W_v P, here on x in parallel rather than on the memory's outputs) and W_o."""
+    return mal_mixer_flops(memory, dim=dim, n_heads=n_heads, keys=keys,
+                           n_persistent=n_persistent, seq_len=seq_len) + 2.0 * dim * dim
 
 
 def mac_pieces(seq_len: int, segment: int) -> int:
@@ -122,12 +134,18 @@ class PrefixedMemory(nnx.Module):
         self.memory = _built(memory, rngs)
         self.persistent = _persistent(n_persistent, dim, rngs, init_std)
 
-    def init_state(self, batch_size: int, max_len: int | None = None) -> NeuralMemoryLayerState:
+    def after_prefix(self, batch_size: int):
+        """(the memory's outputs at the persistent positions [B, N_p, D], the state after P).
+        Both are input-independent: the memory reads and writes P from its initial state."""
         st = self.memory.init_state(batch_size)
-        if self.persistent.shape[0] == 0:
-            return st
         P = jnp.broadcast_to(self.persistent[...], (batch_size,) + self.persistent.shape)
-        return self.memory(P, st)[1]
+        if self.persistent.shape[0] == 0:
+            return P, st
+        y, st, _ = self.memory(P, st)
+        return y, st
+
+    def init_state(self, batch_size: int, max_len: int | None = None) -> NeuralMemoryLayerState:
+        return self.after_prefix(batch_size)[1]
 
     def __call__(self, x, state=None, *, mask=None, segment_ids=None, context=None,
                  deterministic: bool = True, key=None):
@@ -182,6 +200,48 @@ class MAGMixer(nnx.Module):
                                      extra_kv=self.persistent_kv(x.shape[0]))
         o = gate_combine(y, m, self.norm_y[...], self.norm_m[...], self.eps)
         return self.wo(o), {"attn": attn_state, "mem": mem_state}, {}
+
+
+# ----------------------------------------------------------------------------- MAL (literal)
+
+
+class MALMixer(nnx.Module):
+    """Memory as a layer in the paper's literal form (titans.md §3.6): x~ = [P; x], y = LMM(x~),
+    o = SWA(y), one mixer. The sliding-window attention (`n_heads` heads of dim // n_heads,
+    W + 1 keys, RoPE on the x positions) reads the memory's outputs y at every position of x~:
+    its outputs y_P at the N_p persistent positions are an always-visible, unrotated prefix of
+    keys (input-independent — the memory's read of P from its initial state — so the state keeps
+    their keys and values, and a packed document start needs no new ones); outputs at P are
+    dropped. The attention takes y as the memory returns it (its per-head norm, gate and W_O;
+    the paper names no norm in between).
+
+    `zoo.titans` offers this as `mal_layout="literal"` beside the Samba-style layout the spec
+    chose (alternating memory and attention blocks, the attention without any prefix)."""
+
+    def __init__(self, memory: Memory, *, dim: int, n_heads: int, window: int, n_persistent: int,
+                 rngs: nnx.Rngs, rope_base: float = 10000.0, max_len: int = 2048,
+                 init_std: float = 0.02, impl: str = "auto", block: int = 128):
+        self.mem = PrefixedMemory(memory, dim=dim, n_persistent=n_persistent, rngs=rngs,
+                                  init_std=init_std)
+        self.attn = Attention(dim, n_heads, n_heads, dim // n_heads, rngs=rngs,
+                              rope_base=rope_base, window=window, max_len=max_len, std=init_std,
+                              impl=impl, block=block)
+
+    def init_state(self, batch_size: int, max_len: int | None = None):
+        y_p, mem = self.mem.after_prefix(batch_size)
+        at, Np = self.attn, y_p.shape[1]
+        heads = lambda a: a.reshape(batch_size, Np, at.n_kv_heads, at.head_dim)  # noqa: E731
+        return {"attn": at.init_state(batch_size, max_len), "mem": mem,
+                "prefix_k": heads(at.wk(y_p)), "prefix_v": heads(at.wv(y_p))}
+
+    def __call__(self, x, state=None, *, mask=None, segment_ids=None, context=None,
+                 deterministic: bool = True, key=None):
+        if state is None:
+            state = self.init_state(x.shape[0])
+        y, mem_state, _ = self.mem(x, state["mem"], mask=mask, segment_ids=segment_ids)
+        o, attn_state, _ = self.attn(y, state["attn"], mask=mask, segment_ids=segment_ids,
+                                     extra_kv=(state["prefix_k"], state["prefix_v"], None))
+        return o, dict(state, attn=attn_state, mem=mem_state), {}
 
 
 # ----------------------------------------------------------------------------- MAC

@@ -113,3 +113,91 @@ def test_mac_host_takes_another_memory_and_continues_exactly():
 
     y, y_split = full_and_split(mixer, x)
     np.testing.assert_allclose(y_split, y, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- persistent memory, MAL
+
+def _titans(name, **kw):
+    import dataclasses
+
+    import zoo
+    cfg = dataclasses.replace(zoo.get(name).conformance.config, **kw)
+    return cfg, zoo.build(name, cfg, nnx.Rngs(params=0))
+
+
+def _mixers(model):
+    return [blk.mixer for blk in model.blocks]
+
+
+def test_lmm_is_the_memory_on_persistent_tokens_and_zero_is_the_ablation():
+    """titans_lmm is Table 5's base row: every block's memory reads [P; x] (titans.md §3.3), i.e.
+    its outputs on x are the bare memory's outputs on the concatenation at the x positions (the
+    chunk grid counting from the first persistent token: N_p = 3 is not a multiple of the chunk
+    4); `n_persistent=0` is the "w/o persistent memory" row, the bare memory, N_p x D fewer
+    parameters per layer."""
+    import zoo
+    from layers.titans import PrefixedMemory
+    cfg, model = _titans("titans_lmm", n_persistent=3)
+    mixers = _mixers(model)
+    assert all(isinstance(m, PrefixedMemory) for m in mixers) and cfg.chunk == 4
+    x = jax.random.normal(jax.random.key(1), (2, 9, cfg.dim))
+    for m in mixers:
+        P = jnp.broadcast_to(m.persistent[...], (2, 3, cfg.dim))
+        want = m.memory(jnp.concatenate([P, x], axis=1), m.memory.init_state(2))[0][:, 3:]
+        np.testing.assert_allclose(m(x)[0], want, rtol=1e-5, atol=1e-6)
+    cfg0, bare = _titans("titans_lmm", n_persistent=0)
+    assert all(isinstance(m, NeuralMemory) for m in _mixers(bare))
+    count = lambda mod: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(mod, nnx.Param)))  # noqa: E731
+    assert count(model) - count(bare) == cfg.n_layers * 3 * cfg.dim
+    assert zoo.get("titans_lmm").param_count(cfg) == count(model)
+    assert zoo.get("titans_lmm").param_count(cfg0) == count(bare)
+
+
+def test_mal_literal_is_window_attention_over_the_memory_outputs():
+    """mal_layout="literal" (titans.md §3.6): x~ = [P; x], y = LMM(x~), o = SWA(y), written out:
+    the memory on the concatenation from its initial state, then softmax attention with RoPE on
+    the x positions, the window W (W + 1 keys) and the outputs at the N_p persistent positions an
+    always-visible unrotated prefix of keys. Also prefill + continue (a cut mid-chunk), a packed
+    document start (the second document == a fresh call on it), and the parameter count."""
+    import zoo
+    from layers.rope import apply_rope
+    from layers.titans import MALMixer
+    cfg, model = _titans("titans_mal", mal_layout="literal")
+    mixers = _mixers(model)
+    assert len(mixers) == cfg.n_layers and all(isinstance(m, MALMixer) for m in mixers)
+    count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert zoo.get("titans_mal").param_count(cfg) == count
+    m = mixers[0]
+    Np, W, A = cfg.n_persistent, cfg.window, cfg.n_attn_heads
+    dh = cfg.dim // A
+    Bx, Tx = 2, 11
+    x = jax.random.normal(jax.random.key(2), (Bx, Tx, cfg.dim))
+    P = jnp.broadcast_to(m.mem.persistent[...], (Bx, Np, cfg.dim))
+    y = m.mem.memory(jnp.concatenate([P, x], axis=1), m.mem.memory.init_state(Bx))[0]
+    y_p, y_x = y[:, :Np], y[:, Np:]
+    at = m.attn
+    heads = lambda a: np.asarray(a, np.float64).reshape(Bx, -1, A, dh)  # noqa: E731
+    pos = jnp.broadcast_to(jnp.arange(Tx), (Bx, Tx))
+    q = heads(apply_rope(at.wq(y_x).reshape(Bx, Tx, A, dh), pos, base=cfg.rope_base))
+    k = np.concatenate([heads(at.wk(y_p)),
+                        heads(apply_rope(at.wk(y_x).reshape(Bx, Tx, A, dh), pos,
+                                         base=cfg.rope_base))], axis=1)
+    v = np.concatenate([heads(at.wv(y_p)), heads(at.wv(y_x))], axis=1)
+    i, j = np.arange(Tx)[:, None], np.arange(Tx)[None, :]
+    vis = np.concatenate([np.ones((Tx, Np), bool), (j <= i) & (i - j <= W)], axis=1)
+    s = np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(dh)
+    s = np.where(vis[None, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    o = np.einsum("bhij,bjhd->bihd", p / p.sum(-1, keepdims=True), v).reshape(Bx, Tx, -1)
+    want = np.asarray(o, np.float32) @ np.asarray(at.wo.weight[...])
+    got, _, _ = m(x)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    # prefill 5 (mid-chunk: chunk 4 after N_p = 3) + continue
+    y1, st, _ = m(x[:, :5])
+    y2, _, _ = m(x[:, 5:], st)
+    np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), got, rtol=1e-5, atol=1e-6)
+    # a packed document start at 6: the second document is a fresh call on it
+    seg = jnp.broadcast_to((jnp.arange(Tx) >= 6).astype(jnp.int32), (Bx, Tx))
+    packed, _, _ = m(x, segment_ids=seg)
+    np.testing.assert_allclose(packed[:, 6:], m(x[:, 6:])[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(packed[:, :6], got[:, :6], rtol=1e-5, atol=1e-6)

@@ -5,16 +5,22 @@ residual with a SwiGLU MLP (titans.md §3.1). The memory mixer is `layers.memory
 (the shared neural-memory layer); its chunk size `chunk` (b) is part of the model. The hosts
 around it are `layers.titans` (they take any memory).
 
-* LMM:  [NeuralMemory, MLP] x n_layers.
+* LMM:  [memory on [P; x], MLP] x n_layers: Table 5's base row, with the N_p persistent
+        tokens of §3.3 (`n_persistent`, default 4); `n_persistent=0` is the ablation row "w/o
+        persistent memory" ([NeuralMemory, MLP] x n_layers).
 * MAC:  [MACMixer, MLP] x n_layers; segments of `segment` (C) tokens of x (b divides C);
         retrieval h = W_h M_{W_start}(q(x)), attention over [P; h_{<=i}; x_{<=i}] of the current
         segment (the position-aligned mask of §3.4: h_j carries x_j's position), memory written
         from the attention output y, output RMSNorm(y) * sigmoid(RMSNorm(m)).
 * MAG:  [MAGMixer, MLP] x n_layers; sliding-window attention with the persistent prefix P and
         the memory on [P; x] in parallel, combined by RMSNorm(y) * sigmoid(RMSNorm(m)).
-* MAL:  alternating [memory on [P; x], MLP] and [sliding-window attention with prefix P, MLP]
-        (Samba style, §3.6).
-For MAG / MAL the memory's input stream starts with the N_p persistent tokens: `init_state` is
+* MAL:  `mal_layout="samba"` (default; the spec's [choice], §3.6): alternating blocks
+        [memory on [P; x], MLP] and [sliding-window attention, MLP] — P enters only the memory,
+        whose outputs at P are dropped, and the attention has no prefix.
+        `mal_layout="literal"`: the paper's x~ = [P; x], y = LMM(x~), o = SWA(y) as one mixer
+        (`layers.titans.MALMixer`) per block, [MALMixer, MLP] x n_layers; the attention reads
+        the memory's outputs at the persistent positions too (an always-visible prefix).
+For LMM / MAG / MAL the memory's input stream starts with the N_p persistent tokens: `init_state` is
 the state after them (it depends on parameters); a packed document start returns the memory to
 that state (memory W, S, anchor, the conv inputs of P, position N_p).
 """
@@ -39,9 +45,11 @@ from layers.norms import RMSNorm
 from layers.titans import (
     MACMixer,
     MAGMixer,
+    MALMixer,
     PrefixedMemory,
     mac_mixer_flops,
     mag_mixer_flops,
+    mal_mixer_flops,
     prefixed_memory_flops,
 )
 from zoo.lm import (
@@ -77,7 +85,9 @@ class TitansConfig:
     lr_max: float | None = None
     segment: int = 64                # C: MAC segment length (multiple of chunk)
     window: int = 64                 # W: sliding window of MAG / MAL (W + 1 keys)
-    n_persistent: int = 4            # N_p persistent memory tokens (MAC, MAG, MAL)
+    n_persistent: int = 4            # N_p persistent memory tokens (every model; LMM: 0 = the
+                                     # "w/o persistent memory" ablation)
+    mal_layout: str = "samba"        # MAL: samba (alternating blocks) | literal (SWA(LMM([P; x])))
     ffn_dim: int | None = None
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
@@ -112,6 +122,11 @@ class TitansConfig:
         if self.segment % self.chunk:
             raise ValueError(f"model.segment={self.segment} is not a multiple of "
                              f"model.chunk={self.chunk}")
+        if self.mal_layout not in ("samba", "literal"):
+            raise ValueError(f"model.mal_layout={self.mal_layout!r} is not one of "
+                             "('samba', 'literal')")
+        if self.n_persistent < 0:
+            raise ValueError(f"model.n_persistent={self.n_persistent} must be >= 0")
         if self.dim % self.n_attn_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by the attention heads")
 
@@ -126,6 +141,13 @@ class TitansConfig:
     def memory_factory(self):
         """rngs -> the Titans memory mixer (drawn where a host places it)."""
         return lambda rngs: NeuralMemory(self.memory_config(), rngs=rngs)
+
+    def prefixed_memory(self, rngs: nnx.Rngs) -> nnx.Module:
+        """The memory on [P; x] (§3.3), or the bare memory when n_persistent = 0."""
+        if not self.n_persistent:
+            return self.memory_factory()(rngs)
+        return PrefixedMemory(self.memory_factory(), dim=self.dim, n_persistent=self.n_persistent,
+                              rngs=rngs, init_std=self.init_std)
 
     def attention_args(self) -> dict:
         """The explicit attention arguments of the hosts (MAC, MAG, MAL's attention blocks)."""
@@ -182,12 +204,15 @@ def _window_keys(cfg: TitansConfig, seq_len: int) -> int:
 
 
 def lmm_param_count(cfg: TitansConfig) -> int:
-    return _lm_count(cfg, [_memory_count(cfg)] * cfg.n_layers)
+    return _lm_count(cfg, [_memory_count(cfg) + cfg.n_persistent * cfg.dim] * cfg.n_layers)
 
 
 def lmm_flops(cfg: TitansConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 3 x (n_layers x [`neural_memory_flops` + 6 D F] + 2 D V)."""
-    return _lm_flops(cfg, [_memory_flops(cfg)] * cfg.n_layers)
+    """Training FLOPs per token: 3 x (n_layers x [`prefixed_memory_flops` (the memory on every
+    token and on the N_p persistent ones once per sequence) + 6 D F] + 2 D V)."""
+    mem = prefixed_memory_flops(_memory_flops(cfg), n_persistent=cfg.n_persistent,
+                                seq_len=seq_len)
+    return _lm_flops(cfg, [mem] * cfg.n_layers)
 
 
 _TINY = dict(vocab_size=37, dim=16, n_layers=2, n_heads=2, init_std=0.1, ffn_dim=32)
@@ -205,8 +230,8 @@ _FLOPS = dict(dim=64, ffn_dim=128, n_layers=1)
               flops_range=XLA_FLOPS_RANGE))
 def build_titans_lmm(cfg: TitansConfig, rngs: nnx.Rngs) -> CausalLM:
     cfg.validate()
-    memory = cfg.memory_factory()
-    return _lm(cfg, [_block(cfg, memory(rngs), rngs) for _ in range(cfg.n_layers)], rngs)
+    return _lm(cfg, [_block(cfg, cfg.prefixed_memory(rngs), rngs) for _ in range(cfg.n_layers)],
+               rngs)
 
 
 # ----------------------------------------------------------------------------- MAG
@@ -256,18 +281,28 @@ def build_titans_mag(cfg: TitansConfig, rngs: nnx.Rngs) -> CausalLM:
 
 def mal_param_count(cfg: TitansConfig) -> int:
     mem = _memory_count(cfg) + cfg.n_persistent * cfg.dim
+    if cfg.mal_layout == "literal":
+        return _lm_count(cfg, [mem + _attention_count(cfg)] * cfg.n_layers)
     n_mem = (cfg.n_layers + 1) // 2
     return _lm_count(cfg, [mem] * n_mem + [_attention_count(cfg)] * (cfg.n_layers - n_mem))
 
 
 def mal_flops(cfg: TitansConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 3 x (the even layers' `prefixed_memory_flops` and the odd
-    layers' window attention over W + 1 keys (`attention_mixer_flops`), each + 6 D F, + 2 D V)."""
+    """Training FLOPs per token: 3 x (per block + 6 D F, + 2 D V) with, Samba layout, the even
+    layers' `prefixed_memory_flops` and the odd layers' window attention over W + 1 keys
+    (`attention_mixer_flops`); literal layout, every layer's `mal_mixer_flops` (the attention
+    over W + 1 + N_p keys)."""
     A = cfg.n_attn_heads
+    keys = _window_keys(cfg, seq_len)
+    if cfg.mal_layout == "literal":
+        mixer = mal_mixer_flops(_memory_flops(cfg), dim=cfg.dim, n_heads=A,
+                                keys=keys + cfg.n_persistent, n_persistent=cfg.n_persistent,
+                                seq_len=seq_len)
+        return _lm_flops(cfg, [mixer] * cfg.n_layers)
     n_mem = (cfg.n_layers + 1) // 2
     mem = prefixed_memory_flops(_memory_flops(cfg), n_persistent=cfg.n_persistent,
                                 seq_len=seq_len)
-    attn = attention_mixer_flops(cfg.dim, A, A, cfg.dim // A, _window_keys(cfg, seq_len))
+    attn = attention_mixer_flops(cfg.dim, A, A, cfg.dim // A, keys)
     return _lm_flops(cfg, [mem] * n_mem + [attn] * (cfg.n_layers - n_mem))
 
 
@@ -277,15 +312,18 @@ def mal_flops(cfg: TitansConfig, seq_len: int) -> float:
               length=13, cuts=(1, 5, 9, 12),
               reference={"impl": "reference"}, fast=({"impl": "chunked"},)))
 def build_titans_mal(cfg: TitansConfig, rngs: nnx.Rngs) -> CausalLM:
-    """Even layers: memory on [P; x]; odd layers: sliding-window attention (Samba style)."""
+    """Samba layout: even layers the memory on [P; x], odd layers sliding-window attention;
+    literal layout: every layer SWA(LMM([P; x])) (module docstring)."""
     cfg.validate()
     A = cfg.n_attn_heads
     blocks = []
     for i in range(cfg.n_layers):
-        if i % 2 == 0:
-            mixer = PrefixedMemory(cfg.memory_factory(), dim=cfg.dim,
-                                   n_persistent=cfg.n_persistent, rngs=rngs,
-                                   init_std=cfg.init_std)
+        if cfg.mal_layout == "literal":
+            mixer = MALMixer(cfg.memory_factory(), window=cfg.window,
+                             n_persistent=cfg.n_persistent, max_len=cfg.max_len, rngs=rngs,
+                             **cfg.attention_args())
+        elif i % 2 == 0:
+            mixer = cfg.prefixed_memory(rngs)
         else:
             mixer = Attention(cfg.dim, A, A, cfg.dim // A, rngs=rngs, rope_base=cfg.rope_base,
                               window=cfg.window, max_len=cfg.max_len, std=cfg.init_std,
