@@ -391,7 +391,8 @@ class NeuralMemory(nnx.Module):
                  reset_state: NeuralMemoryLayerState | None = None):
         """`reset_state`: the state a document start returns to (None: the fresh state); its
         position offsets the memory stream's positions (persistent tokens, MAG/MAL). Its
-        window buffer is not restored (window > 1 with a reset state is rejected)."""
+        window buffer is not restored: a document start empties the Omega window, so a reset
+        state must have an empty one (`layers.titans.PrefixedMemory` empties it after P)."""
         B, T, _ = x.shape
         if state is None:
             state = self.init_state(B)
@@ -400,8 +401,6 @@ class NeuralMemory(nnx.Module):
         pos, dcount, next_pos = token_positions(state.pos, starts, real)
         hist, reset_to = None, None
         if reset_state is not None and segment_ids is not None:
-            if self.cfg.window > 1:
-                raise ValueError("a reset state with an Omega window > 1 is not supported")
             pos = pos + jnp.where(dcount > 0, reset_state.pos[:, None], 0)
             n_real = real.sum(axis=1).astype(jnp.int32)
             last = jnp.take_along_axis(pos, jnp.maximum(n_real - 1, 0)[:, None], axis=1)[:, 0]

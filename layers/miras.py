@@ -98,6 +98,15 @@ def huber_norm_signal(y: Array, v: Array, delta) -> Array:
     return jnp.where(n <= delta, e, delta * safe_normalize(e))
 
 
+def huber_mixture_signal(y: Array, v: Array, delta) -> Array:
+    """Yaad's Eq. 26 as printed (flavour 3, the "smooth mixture"; δ a scalar per token/head):
+    the ℓ2 gradient e if ‖e‖ ≤ δ, else δ × the ℓ1 gradient, δ·sign(e) (safe at e = 0)."""
+    e = y - v
+    n = safe_norm(e, keepdims=True)
+    delta = jnp.asarray(delta, dtype=jnp.result_type(y))[..., None] if jnp.ndim(delta) else delta
+    return jnp.where(n <= delta, e, delta * jnp.sign(e))
+
+
 @dataclass(frozen=True)
 class LpSignal:
     """Moneta's ℓp output signal: smooth surrogate (default) or the exact p·sign(e)|e|^{p−1}."""
@@ -112,15 +121,22 @@ class LpSignal:
         return lp_signal_smooth(pred, v, self.p, self.a, self.eps)
 
 
+HUBER_FLAVOURS = ("coord", "norm", "mixture")
+
+
 @dataclass(frozen=True)
 class HuberSignal:
-    """Yaad's Huber signal with the per-token threshold δ_t carried as the extra "delta"."""
-    flavour: str = "coord"      # coord | norm
+    """Yaad's Huber signal with the per-token threshold δ_t carried as the extra "delta":
+    coord (channel-wise δ, clip), norm (H_δ(‖e‖), per-head δ) or mixture (Eq. 26 as printed:
+    e inside ‖e‖ ≤ δ, δ·sign(e) outside, per-head δ)."""
+    flavour: str = "coord"      # coord | norm | mixture
 
     def __call__(self, pred, v, extra):
         if self.flavour == "coord":
             return huber_signal(pred, v, extra["delta"])
-        return huber_norm_signal(pred, v, extra["delta"][0])
+        if self.flavour == "norm":
+            return huber_norm_signal(pred, v, extra["delta"][0])
+        return huber_mixture_signal(pred, v, extra["delta"][0])
 
 
 # ----------------------------------------------------------------------------- retention links
@@ -220,14 +236,16 @@ class MonetaMemory(NeuralMemory):
 
 
 class YaadMemory(NeuralMemory):
-    """Yaad: Huber bias (huber: "coord", channel-wise δ_t, or "norm", per-head δ_t) with the
+    """Yaad: Huber bias (huber: "coord", channel-wise δ_t — the spec's reading of Eq. 26; "norm",
+    H_δ(‖e‖) with a per-head δ_t; "mixture", Eq. 26 as printed: the ℓ2 gradient inside
+    ‖e‖ ≤ δ_t, δ_t × the ℓ1 gradient outside, per-head δ_t) with the
     low-rank threshold gate δ_t = softplus(b + tanh(x A) B) + delta_floor (A [D, gate_rank]
     ~ N(0, init_std), B zero, b = delta_bias). cfg: the shared layer's config."""
 
     def __init__(self, cfg: NeuralMemoryConfig, *, huber: str = "coord", gate_rank: int = 32,
                  delta_bias: float = 0.5, delta_floor: float = 0.05, rngs: nnx.Rngs):
-        if huber not in ("coord", "norm"):
-            raise ValueError(f"huber={huber!r} is not one of ('coord', 'norm')")
+        if huber not in HUBER_FLAVOURS:
+            raise ValueError(f"huber={huber!r} is not one of {HUBER_FLAVOURS}")
         super().__init__(dataclasses.replace(cfg, alpha_gate="retain",
                                              objective=HuberSignal(huber)), rngs=rngs)
         self.delta_floor = delta_floor

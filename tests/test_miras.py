@@ -116,6 +116,27 @@ def test_yaad_norm_flavour():
              loop(q, k, v, al, et, sig, b=1, A0=W0[h], extra=ex))
 
 
+@pytest.mark.parametrize("b,impl", [(1, "reference"), (3, "chunked")])
+def test_yaad_eq26_mixture_flavour(b, impl):
+    """Yaad's Eq. 26 as printed (huber="mixture", per-head δ_t): the ℓ2 gradient e if
+    ‖e‖ ≤ δ_t, else δ_t·sign(e) (δ × the ℓ1 gradient), token by token (b = 1) and anchored in the
+    chunked form (b = 3, T = 10 ragged); both branches are taken."""
+    layer = make(YaadConfig, chunk=b, impl=impl, huber="mixture", delta_bias=-1.0,
+                 delta_floor=0.01)
+    W0 = np.asarray(layer.W0["w"][...], np.float64)
+    inside = []
+
+    def sig(e, d):
+        n = np.linalg.norm(e)
+        inside.append(n <= d[0])
+        return e if n <= d[0] else d[0] * np.sign(e)
+    io = memory_io(layer, x_in(4))
+    assert io[3]["extra"]["delta"].shape == (B, T, H, 1)          # per-head δ_t
+    per_head(io, layer, lambda q, k, v, al, et, h, ex:
+             loop(q, k, v, al, et, sig, b=b, A0=W0[h], extra=ex))
+    assert any(inside) and not all(inside), "one branch only: the test would not bite"
+
+
 def test_memora_b1_equals_literal_softmax_update_and_stays_on_the_simplex():
     """Memora at b = 1 == the literal Eq. 27 W_t = c·Softmax(α_t log W_{t−1} − η_t ∇ℓ(W_{t−1}))
     (softmax over the input axis, float64 loop with log W); after the call every column of the
@@ -342,3 +363,46 @@ def test_kl_simplex_coefficients_and_elastic_net():
         Wn = ref.bregman_logit_step(W, g, 0.1)
         np.testing.assert_allclose(jnp.log(Wn / (1 - Wn)), jnp.log(W / (1 - W)) - 0.1 * g,
                                    rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [MonetaConfig, YaadConfig, MemoraConfig])
+def test_miras_h_is_titans_mal_around_the_family_memory(cls):
+    """Moneta-H / Yaad-H / Memora-H (miras.md §3, `hybrid="mal"`): the blocks alternate the
+    family's memory on [P; x] (Titans' MAL host, titans.md §3.6) and sliding-window attention
+    (W + 1 keys, RoPE on the attention only); the entry's parameter formula counts them. Yaad-H
+    (its δ gate an extra of the memory) also: the full forward equals prefill + continue at a cut
+    inside a chunk (after the N_p = 2 persistent tokens, chunk 3), and a packed second document
+    equals a fresh call on it."""
+    import zoo
+    from layers.attention import Attention
+    from layers.titans import PrefixedMemory
+    name = cls().model
+    cfg = cls(vocab_size=37, dim=16, n_layers=2, n_heads=2, chunk=3, init_std=0.1, gate_rank=4,
+              hybrid="mal", attn_window=3, n_persistent=2, max_len=16)
+    model = zoo.build(name, cfg, nnx.Rngs(params=0))
+    mem, attn = (blk.mixer for blk in model.blocks)
+    family = {"moneta": miras.MonetaMemory, "yaad": miras.YaadMemory,
+              "memora": miras.MemoraMemory}[name]
+    assert isinstance(mem, PrefixedMemory) and isinstance(mem.memory, family)
+    assert isinstance(attn, Attention) and attn.window == 3 and attn.rope_base == cfg.rope_base
+    count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert zoo.get(name).param_count(cfg) == count
+    if name != "yaad":
+        return
+    graphdef, params = nnx.split(model)
+    x = jax.random.randint(jax.random.key(0), (2, 11), 0, 37)
+
+    @jax.jit
+    def run(params, x):
+        full = zoo.lm.forward(graphdef, params, x)[0]
+        a, st, _ = zoo.lm.forward(graphdef, params, x[:, :5], model.init_state(2, 11))
+        b, _, _ = zoo.lm.forward(graphdef, params, x[:, 5:], st)
+        seg = jnp.broadcast_to((jnp.arange(11) >= 6).astype(jnp.int32), (2, 11))
+        packed = zoo.lm.forward(graphdef, params, x, segment_ids=seg)[0]
+        fresh = zoo.lm.forward(graphdef, params, x[:, 6:])[0]
+        return full, jnp.concatenate([a, b], axis=1), packed, fresh
+
+    full, split, packed, fresh = run(params, x)
+    np.testing.assert_allclose(split, full, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(packed[:, 6:], fresh, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(packed[:, :6], full[:, :6], rtol=2e-5, atol=2e-5)

@@ -4,6 +4,9 @@ attention-like DeepTransformer / SWDT through the kernel form of the exponential
 * "atlas":     Omega rule (window c, paper-literal gates γ) + momentum + Newton–Schulz (Muon),
                learning rate outside the momentum (Eqs. 32–33), polynomial features, MLP memory.
 * "omeganet":  Omega rule + plain gradient descent + polynomial features (Eq. 10).
+* "atlas_mag", "atlas_mal": Atlas inside Titans' MAG / MAL hosts (atlas.md §3, "exactly as in"
+               titans.md §3.5–3.6; `MemoryLMConfig.hybrid`, which every memory LM here has:
+               the Miras -H hybrids are `hybrid="mal"`, configs/miras.py).
   Both are `layers.atlas.AtlasMemory`: the shared neural-memory layer with ATLAS's parts plugged
   in (ATLAS letters: α retention, η learning rate, θ momentum, γ window gates; the learnable
   polynomial map; the Newton–Schulz transform; the keep-gate option). The chunk b and window c
@@ -42,6 +45,13 @@ from layers.memory import NeuralMemoryConfig
 from layers.memory_counts import XLA_FLOPS_RANGE
 from layers.mlp import llama_ffn_dim
 from layers.norms import RMSNorm
+from layers.titans import (
+    HYBRIDS,
+    MAL_LAYOUTS,
+    hybrid_mixer_counts,
+    hybrid_mixer_flops,
+    hybrid_mixers,
+)
 from zoo.lm import (
     CausalLM,
     build_lm,
@@ -84,11 +94,43 @@ class MemoryLMConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     tie_embeddings: bool = True
-    impl: str = "auto"              # op neural_memory
+    impl: str = "auto"              # op neural_memory (and attention, hybrids)
     max_resets: int = 4
+    # the hybrids (atlas.md §3, miras.md §3: "exactly as" Titans' MAG / MAL, titans.md §3.5-3.6,
+    # built by the same hosts, layers.titans.hybrid_mixers): none | mag | mal
+    hybrid: str = "none"
+    attn_window: int = 64           # W of the hybrids' sliding-window attention (W + 1 keys)
+    attn_heads: int | None = None   # the hybrids' attention heads (None: n_heads)
+    n_persistent: int = 4           # N_p persistent tokens of the hybrids' hosts (0: none)
+    mal_layout: str = "samba"       # mal: samba (alternating blocks) | literal (SWA(memory([P; x])))
+    rope_base: float = 10000.0      # RoPE on the hybrids' attention only (miras.md §3 [choice])
+    max_len: int = 2048             # the hybrids' attention cache bound
+    block: int = 128                # attention key block (never changes the function)
+
+    @property
+    def n_attn_heads(self) -> int:
+        return self.attn_heads or self.n_heads
 
     def validate(self):
-        check_impl(self.impl, ("neural_memory",))
+        if self.hybrid not in ("none",) + HYBRIDS:
+            raise ValueError(f"model.hybrid={self.hybrid!r} is not one of "
+                             f"{('none',) + HYBRIDS}")
+        check_impl(self.impl, ("neural_memory",) if self.hybrid == "none"
+                   else ("neural_memory", "attention"))
+        if self.hybrid != "none":
+            check_block(self.block)
+            if self.mal_layout not in MAL_LAYOUTS:
+                raise ValueError(f"model.mal_layout={self.mal_layout!r} is not one of "
+                                 f"{MAL_LAYOUTS}")
+            if self.attn_window < 1 or self.n_persistent < 0:
+                raise ValueError(f"model.attn_window={self.attn_window} must be >= 1 and "
+                                 f"model.n_persistent={self.n_persistent} >= 0")
+            if self.dim % self.n_attn_heads:
+                raise ValueError(f"model.dim={self.dim} is not divisible by the "
+                                 f"{self.n_attn_heads} attention heads")
+            check_rope_head_dim(self.dim // self.n_attn_heads, f"model.dim={self.dim} / the "
+                                f"{self.n_attn_heads} attention heads (model.attn_heads, "
+                                "default model.n_heads)")
         if self.memory not in ("mlp", "linear"):
             raise ValueError(f"model.memory={self.memory!r} is not one of ('mlp', 'linear')")
         if self.dim % self.n_heads:
@@ -119,33 +161,52 @@ class MemoryLMConfig:
         cls, args = self.memory_layer()
         return cls(self.memory_config(), **args, rngs=rngs)
 
+    def _hybrid_args(self) -> dict:
+        return dict(n_layers=self.n_layers, dim=self.dim, n_persistent=self.n_persistent,
+                    mal_layout=self.mal_layout)
+
+    def mixers(self, rngs: nnx.Rngs) -> list[nnx.Module]:
+        """The blocks' mixers: the memory in every block, or a hybrid's hosts around it."""
+        if self.hybrid == "none":
+            return [self.mixer(rngs) for _ in range(self.n_layers)]
+        return hybrid_mixers(self.hybrid, self.mixer, n_heads=self.n_attn_heads,
+                             window=self.attn_window, rngs=rngs, rope_base=self.rope_base,
+                             max_len=self.max_len, norm_eps=self.norm_eps,
+                             init_std=self.init_std, impl=self.impl, block=self.block,
+                             **self._hybrid_args())
+
     def build(self, rngs: nnx.Rngs) -> CausalLM:
         """[mixer, SwiGLU] blocks with pre-RMSNorms in the shared LM scaffold."""
         self.validate()
-        blocks = [swiglu_block(self.mixer(rngs), dim=self.dim, ffn_dim=self.d_ff,
-                               norm_eps=self.norm_eps, init_std=self.init_std, rngs=rngs)
-                  for _ in range(self.n_layers)]
+        blocks = [swiglu_block(m, dim=self.dim, ffn_dim=self.d_ff, norm_eps=self.norm_eps,
+                               init_std=self.init_std, rngs=rngs) for m in self.mixers(rngs)]
         return build_lm(blocks, vocab_size=self.vocab_size, dim=self.dim,
                         final_norm=RMSNorm(self.dim, eps=self.norm_eps), rngs=rngs,
                         tie_embeddings=self.tie_embeddings, init_std=self.init_std)
 
     def param_count(self) -> int:
         cls, args = self.memory_layer()
-        block = swiglu_block_count(cls.param_count(self.memory_config(), **args), dim=self.dim,
-                                   ffn_dim=self.d_ff)
-        return lm_param_count([block] * self.n_layers, vocab_size=self.vocab_size, dim=self.dim,
+        mem = cls.param_count(self.memory_config(), **args)
+        mixers = ([mem] * self.n_layers if self.hybrid == "none"
+                  else hybrid_mixer_counts(self.hybrid, mem, **self._hybrid_args()))
+        blocks = [swiglu_block_count(m, dim=self.dim, ffn_dim=self.d_ff) for m in mixers]
+        return lm_param_count(blocks, vocab_size=self.vocab_size, dim=self.dim,
                               tie_embeddings=self.tie_embeddings)
 
     def flops(self, seq_len: int) -> float:
         """Training FLOPs per token (`zoo.lm`'s convention): 3 x (n_layers x [the mixer's
         forward FLOPs (its class's `flops`, e.g. `layers.memory_counts.neural_memory_flops` with the
-        variant's parts) + the SwiGLU's 6 D F] + the head's 2 D V). Independent of `seq_len`:
-        the memory's work per token is."""
-        del seq_len
+        variant's parts) + the SwiGLU's 6 D F] + the head's 2 D V). The memory's work per token
+        does not depend on `seq_len`; a hybrid's hosts add theirs
+        (`layers.titans.hybrid_mixer_flops`: the window attention, the persistent tokens)."""
         cls, args = self.memory_layer()
-        block = swiglu_block_flops(cls.flops(self.memory_config(), **args), dim=self.dim,
-                                   ffn_dim=self.d_ff)
-        return lm_flops([block] * self.n_layers, vocab_size=self.vocab_size, dim=self.dim)
+        mem = cls.flops(self.memory_config(), **args)
+        mixers = ([mem] * self.n_layers if self.hybrid == "none"
+                  else hybrid_mixer_flops(self.hybrid, mem, n_heads=self.n_attn_heads,
+                                          window_keys=causal_keys(seq_len, self.attn_window),
+                                          seq_len=seq_len, **self._hybrid_args()))
+        blocks = [swiglu_block_flops(m, dim=self.dim, ffn_dim=self.d_ff) for m in mixers]
+        return lm_flops(blocks, vocab_size=self.vocab_size, dim=self.dim)
 
 
 # ----------------------------------------------------------------------------- Atlas, OmegaNet
@@ -231,6 +292,51 @@ def build_omeganet(cfg: OmegaNetConfig, rngs: nnx.Rngs) -> CausalLM:
     if cfg.momentum:
         raise ValueError("model.momentum=True is Atlas; use the 'atlas' entry")
     return cfg.build(rngs)
+
+
+# ----------------------------------------------------------------------------- Atlas MAG / MAL
+
+
+@dataclass(frozen=True)
+class AtlasMAGConfig(AtlasConfig):
+    """Atlas (MAG) (atlas.md §3, Table 2's row): Titans' MAG host around the Atlas memory — the
+    memory on [P; x] in parallel with sliding-window attention (W = attn_window, the persistent
+    prefix P), gated (`layers.titans.MAGMixer`)."""
+    hybrid: str = "mag"
+
+
+@dataclass(frozen=True)
+class AtlasMALConfig(AtlasConfig):
+    """Atlas (MAL) (atlas.md §3): Titans' MAL around the Atlas memory — Samba-style alternating
+    [memory on [P; x], MLP] and [sliding-window attention, MLP] blocks, or
+    `mal_layout="literal"`, SWA(memory([P; x])) per block."""
+    hybrid: str = "mal"
+
+
+_HYBRID = dict(_TINY, attn_window=4, n_persistent=3, max_len=32)
+
+
+def _hybrid_builder(kind):
+    def build(cfg: AtlasConfig, rngs: nnx.Rngs) -> CausalLM:
+        if cfg.hybrid != kind:
+            raise ValueError(f"model.hybrid={cfg.hybrid!r} does not match the entry "
+                             f"'atlas_{kind}'")
+        if not cfg.momentum:
+            raise ValueError("model.momentum=False is OmegaNet's memory; Atlas's has momentum")
+        return cfg.build(rngs)
+    build.__module__ = __name__
+    build.__doc__ = f"Atlas ({kind.upper()}): module docstring."
+    return build
+
+
+# Tolerance 5e-5 as for "atlas" (the Newton–Schulz steps); MAL at 2 layers (memory, attention).
+for _kind, _cls, _layers in (("mag", AtlasMAGConfig, 1), ("mal", AtlasMALConfig, 2)):
+    register(f"atlas_{_kind}", config=_cls, param_count=AtlasConfig.param_count,
+             flops=AtlasConfig.flops,
+             conformance=ConformanceSpec(
+                 config=_cls(**{**_HYBRID, "n_layers": _layers}), length=13, cuts=(1, 3, 5, 12),
+                 reference={"impl": "reference"}, fast=({"impl": "chunked"},),
+                 atol=5e-5, rtol=5e-5))(_hybrid_builder(_kind))
 
 
 # ----------------------------------------------------------------------------- DeepTransformer / SWDT

@@ -7,7 +7,9 @@ bias and retention plugged in):
   exact signal as an option) + ℓq retention: the carried state is the accumulator A, the memory
   uses W = A/‖A‖_q^{q−2} (q = 4, Eq. 24); A₀ = W̃₀/‖W̃₀‖_q.
 * "yaad": `YaadMemory`, Huber bias with a channel-wise threshold δ_t from a low-rank gate (or the
-  norm-test flavour, a per-head δ_t); Titans-style retention W_t = α_t W_{t−1} − η_t ∇ℓ.
+  norm-test flavours with a per-head δ_t: `huber="norm"`, H_δ(‖e‖), and `huber="mixture"`, Eq. 26
+  as printed — the ℓ2 gradient inside ‖e‖ ≤ δ_t, δ_t × the ℓ1 gradient outside); Titans-style
+  retention W_t = α_t W_{t−1} − η_t ∇ℓ.
 * "memora": `MemoraMemory`, ℓ2 bias + KL retention in the exact logit form: the carried state is
   the logits Z, the memory uses W = c·Softmax over the input axis of each matrix, c learnable per
   matrix and head, initialised to sqrt(d_in).
@@ -30,7 +32,7 @@ from flax import nnx
 
 from layers.memory import NeuralMemoryConfig
 from layers.memory_counts import XLA_FLOPS_RANGE
-from layers.miras import MemoraMemory, MonetaMemory, YaadMemory
+from layers.miras import HUBER_FLAVOURS, MemoraMemory, MonetaMemory, YaadMemory
 from zoo.atlas import MemoryLMConfig
 from zoo.registry import ConformanceSpec, register
 
@@ -40,7 +42,8 @@ class MirasConfig(MemoryLMConfig):
     """A Miras causal LM (Llama-style blocks, miras.md §3); `model` picks the variant's memory.
 
     p, q, smooth_a, smooth_eps, exact_signal: Moneta's bias and retention (q = 2: plain decay).
-    huber: "coord" (channel-wise δ) or "norm" (per-head δ); delta_floor, delta_bias, gate_rank:
+    huber: "coord" (channel-wise δ, clip(e, ±δ): the spec's reading of Eq. 26), "norm" (H_δ(‖e‖),
+    per-head δ) or "mixture" (Eq. 26 as printed: e if ‖e‖ ≤ δ else δ·sign(e), per-head δ); delta_floor, delta_bias, gate_rank:
     Yaad's low-rank threshold gate. alpha_bias → α ≈ 0.99 at init; lr_bias → η = lr_max·sigmoid.
     """
     model: str = "moneta"           # moneta | yaad | memora
@@ -59,7 +62,7 @@ class MirasConfig(MemoryLMConfig):
     def validate(self):
         super().validate()
         for key, val, ok in (("model", self.model, ("moneta", "yaad", "memora")),
-                             ("huber", self.huber, ("coord", "norm"))):
+                             ("huber", self.huber, HUBER_FLAVOURS)):
             if val not in ok:
                 raise ValueError(f"model.{key}={val!r} is not one of {ok}")
         if self.q < 2 or self.p < 1:

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 from flax import nnx
 
-from layers.attention import Attention, attention_mixer_flops
 from layers.common import check_block, check_impl, check_rope_head_dim
 from layers.memory import NeuralMemory, NeuralMemoryConfig
 from layers.memory_counts import (
@@ -43,13 +42,13 @@ from layers.memory_counts import (
 from layers.mlp import llama_ffn_dim
 from layers.norms import RMSNorm
 from layers.titans import (
+    MAL_LAYOUTS,
     MACMixer,
-    MAGMixer,
-    MALMixer,
-    PrefixedMemory,
+    hybrid_mixer_counts,
+    hybrid_mixer_flops,
+    hybrid_mixers,
     mac_mixer_flops,
-    mag_mixer_flops,
-    mal_mixer_flops,
+    prefixed,
     prefixed_memory_flops,
 )
 from zoo.lm import (
@@ -122,9 +121,8 @@ class TitansConfig:
         if self.segment % self.chunk:
             raise ValueError(f"model.segment={self.segment} is not a multiple of "
                              f"model.chunk={self.chunk}")
-        if self.mal_layout not in ("samba", "literal"):
-            raise ValueError(f"model.mal_layout={self.mal_layout!r} is not one of "
-                             "('samba', 'literal')")
+        if self.mal_layout not in MAL_LAYOUTS:
+            raise ValueError(f"model.mal_layout={self.mal_layout!r} is not one of {MAL_LAYOUTS}")
         if self.n_persistent < 0:
             raise ValueError(f"model.n_persistent={self.n_persistent} must be >= 0")
         if self.dim % self.n_attn_heads:
@@ -144,10 +142,29 @@ class TitansConfig:
 
     def prefixed_memory(self, rngs: nnx.Rngs) -> nnx.Module:
         """The memory on [P; x] (§3.3), or the bare memory when n_persistent = 0."""
-        if not self.n_persistent:
-            return self.memory_factory()(rngs)
-        return PrefixedMemory(self.memory_factory(), dim=self.dim, n_persistent=self.n_persistent,
-                              rngs=rngs, init_std=self.init_std)
+        return prefixed(self.memory_factory(), dim=self.dim, n_persistent=self.n_persistent,
+                        rngs=rngs, init_std=self.init_std)
+
+    def hybrid(self, kind: str, rngs: nnx.Rngs) -> list[nnx.Module]:
+        """The MAG / MAL mixers of `layers.titans.hybrid_mixers` around this memory."""
+        return hybrid_mixers(kind, self.memory_factory(), n_layers=self.n_layers, dim=self.dim,
+                             n_heads=self.n_attn_heads, window=self.window,
+                             n_persistent=self.n_persistent, rngs=rngs,
+                             mal_layout=self.mal_layout, rope_base=self.rope_base,
+                             max_len=self.max_len, norm_eps=self.norm_eps,
+                             init_std=self.init_std, impl=self.impl, block=self.block)
+
+    def hybrid_counts(self, kind: str) -> list[int]:
+        return hybrid_mixer_counts(kind, _memory_count(self), n_layers=self.n_layers,
+                                   dim=self.dim, n_persistent=self.n_persistent,
+                                   mal_layout=self.mal_layout)
+
+    def hybrid_flops(self, kind: str, seq_len: int) -> list[float]:
+        return hybrid_mixer_flops(kind, _memory_flops(self), n_layers=self.n_layers,
+                                  dim=self.dim, n_heads=self.n_attn_heads,
+                                  window_keys=_window_keys(self, seq_len),
+                                  n_persistent=self.n_persistent, seq_len=seq_len,
+                                  mal_layout=self.mal_layout)
 
     def attention_args(self) -> dict:
         """The explicit attention arguments of the hosts (MAC, MAG, MAL's attention blocks)."""
@@ -238,19 +255,13 @@ def build_titans_lmm(cfg: TitansConfig, rngs: nnx.Rngs) -> CausalLM:
 
 
 def mag_param_count(cfg: TitansConfig) -> int:
-    D = cfg.dim
-    mixer = (_attention_count(cfg) + _memory_count(cfg) + cfg.n_persistent * D + 2 * D + D * D)
-    return _lm_count(cfg, [mixer] * cfg.n_layers)
+    return _lm_count(cfg, cfg.hybrid_counts("mag"))
 
 
 def mag_flops(cfg: TitansConfig, seq_len: int) -> float:
     """Training FLOPs per token: 3 x (n_layers x [`mag_mixer_flops`: the memory on [P; x],
     the window attention over W + 1 + N_p keys, W_o + 6 D F] + 2 D V)."""
-    A = cfg.n_attn_heads
-    mixer = mag_mixer_flops(_memory_flops(cfg), dim=cfg.dim, n_heads=A,
-                            keys=_window_keys(cfg, seq_len) + cfg.n_persistent,
-                            n_persistent=cfg.n_persistent, seq_len=seq_len)
-    return _lm_flops(cfg, [mixer] * cfg.n_layers)
+    return _lm_flops(cfg, cfg.hybrid_flops("mag", seq_len))
 
 
 _HYBRID = dict(_TINY, memory="linear", chunk=4, window=4, n_persistent=3, max_len=32)
@@ -270,21 +281,14 @@ def check_attention(cfg: TitansConfig) -> None:
               reference={"impl": "reference"}, fast=({"impl": "chunked"},)))
 def build_titans_mag(cfg: TitansConfig, rngs: nnx.Rngs) -> CausalLM:
     cfg.validate()
-    mixer = lambda: MAGMixer(cfg.memory_factory(), window=cfg.window,
-                             n_persistent=cfg.n_persistent, max_len=cfg.max_len,
-                             norm_eps=cfg.norm_eps, rngs=rngs, **cfg.attention_args())
-    return _lm(cfg, [_block(cfg, mixer(), rngs) for _ in range(cfg.n_layers)], rngs)
+    return _lm(cfg, [_block(cfg, m, rngs) for m in cfg.hybrid("mag", rngs)], rngs)
 
 
 # ----------------------------------------------------------------------------- MAL
 
 
 def mal_param_count(cfg: TitansConfig) -> int:
-    mem = _memory_count(cfg) + cfg.n_persistent * cfg.dim
-    if cfg.mal_layout == "literal":
-        return _lm_count(cfg, [mem + _attention_count(cfg)] * cfg.n_layers)
-    n_mem = (cfg.n_layers + 1) // 2
-    return _lm_count(cfg, [mem] * n_mem + [_attention_count(cfg)] * (cfg.n_layers - n_mem))
+    return _lm_count(cfg, cfg.hybrid_counts("mal"))
 
 
 def mal_flops(cfg: TitansConfig, seq_len: int) -> float:
@@ -292,18 +296,7 @@ def mal_flops(cfg: TitansConfig, seq_len: int) -> float:
     layers' `prefixed_memory_flops` and the odd layers' window attention over W + 1 keys
     (`attention_mixer_flops`); literal layout, every layer's `mal_mixer_flops` (the attention
     over W + 1 + N_p keys)."""
-    A = cfg.n_attn_heads
-    keys = _window_keys(cfg, seq_len)
-    if cfg.mal_layout == "literal":
-        mixer = mal_mixer_flops(_memory_flops(cfg), dim=cfg.dim, n_heads=A,
-                                keys=keys + cfg.n_persistent, n_persistent=cfg.n_persistent,
-                                seq_len=seq_len)
-        return _lm_flops(cfg, [mixer] * cfg.n_layers)
-    n_mem = (cfg.n_layers + 1) // 2
-    mem = prefixed_memory_flops(_memory_flops(cfg), n_persistent=cfg.n_persistent,
-                                seq_len=seq_len)
-    attn = attention_mixer_flops(cfg.dim, A, A, cfg.dim // A, keys)
-    return _lm_flops(cfg, [mem] * n_mem + [attn] * (cfg.n_layers - n_mem))
+    return _lm_flops(cfg, cfg.hybrid_flops("mal", seq_len))
 
 
 @register("titans_mal", config=TitansConfig, check=check_attention, param_count=mal_param_count, flops=mal_flops,
@@ -315,21 +308,7 @@ def build_titans_mal(cfg: TitansConfig, rngs: nnx.Rngs) -> CausalLM:
     """Samba layout: even layers the memory on [P; x], odd layers sliding-window attention;
     literal layout: every layer SWA(LMM([P; x])) (module docstring)."""
     cfg.validate()
-    A = cfg.n_attn_heads
-    blocks = []
-    for i in range(cfg.n_layers):
-        if cfg.mal_layout == "literal":
-            mixer = MALMixer(cfg.memory_factory(), window=cfg.window,
-                             n_persistent=cfg.n_persistent, max_len=cfg.max_len, rngs=rngs,
-                             **cfg.attention_args())
-        elif i % 2 == 0:
-            mixer = cfg.prefixed_memory(rngs)
-        else:
-            mixer = Attention(cfg.dim, A, A, cfg.dim // A, rngs=rngs, rope_base=cfg.rope_base,
-                              window=cfg.window, max_len=cfg.max_len, std=cfg.init_std,
-                              impl=cfg.impl, block=cfg.block)
-        blocks.append(_block(cfg, mixer, rngs))
-    return _lm(cfg, blocks, rngs)
+    return _lm(cfg, [_block(cfg, m, rngs) for m in cfg.hybrid("mal", rngs)], rngs)
 
 
 # ----------------------------------------------------------------------------- MAC
