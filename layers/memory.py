@@ -122,6 +122,15 @@ def gelu_exact(x):
     return jax.nn.gelu(x, approximate=False)
 
 
+def gated_mlp_memory(outer, W, x, *, residual: bool = True,
+                     layer_norm_eps: float | None = 1e-5):
+    """Atlas++'s gated MLP memory (atlas.md §2.2, Eq. 43): x_res + LN((GELU(x W2) ⊙ (x W3)) W1)
+    (the LayerNorm before the residual add is the spec's [choice], for parity with
+    `mlp_memory`). W: {"w2": [dk, h], "w3": [dk, h], "w1": [h, dv]}; no biases."""
+    z = (gelu_exact(x @ W["w2"]) * (x @ W["w3"])) @ W["w1"]
+    return mlp_head(outer, z, x, residual=residual, layer_norm_eps=layer_norm_eps)
+
+
 # ----------------------------------------------------------------------------- inner objectives
 
 
@@ -143,6 +152,7 @@ def signal_from_loss(loss: Callable) -> Callable:
 
 
 SIGNALS = {"l2": l2_signal, "dot": dot_signal}
+MEMORIES = ("mlp", "linear", "gated_mlp")
 
 
 # ----------------------------------------------------------------------------- config
@@ -152,7 +162,8 @@ SIGNALS = {"l2": l2_signal, "dot": dot_signal}
 class NeuralMemoryConfig:
     """Static configuration of one neural-memory mixer.
 
-    memory: "mlp" | "linear"; depth / expansion of the MLP memory; residual and LayerNorm flags.
+    memory: "mlp" | "linear" | "gated_mlp" (Atlas++, Eq. 43); depth (MLP only) / expansion of
+    the MLP memories; residual and LayerNorm flags.
     objective: "l2" | "dot" | a signal function (pred, v, extra) -> dloss/dpred.
     chunk: b (anchor chunk, part of the model); window: c (Omega rule; 1 = online).
     momentum: use the momentum ("surprise") term; lr_inside: Titans (True) or ATLAS (False).
@@ -210,8 +221,8 @@ class NeuralMemoryConfig:
         return 1.0 if self.memory == "linear" else 0.1
 
     def validate(self):
-        if self.memory not in ("mlp", "linear"):
-            raise ValueError(f"memory={self.memory!r} is not one of ('mlp', 'linear')")
+        if self.memory not in MEMORIES:
+            raise ValueError(f"memory={self.memory!r} is not one of {MEMORIES}")
         if isinstance(self.objective, str) and self.objective not in SIGNALS:
             raise ValueError(f"objective={self.objective!r} is not one of {tuple(SIGNALS)}")
         if self.head_dim is None and self.dim % self.n_heads:
@@ -226,7 +237,25 @@ class NeuralMemoryConfig:
 def memory_fn_of(cfg: NeuralMemoryConfig) -> Callable:
     if cfg.memory == "linear":
         return linear_memory
-    return _MLPMemory(cfg.residual, cfg.ln_eps if cfg.memory_ln else None)
+    ln_eps = cfg.ln_eps if cfg.memory_ln else None
+    if cfg.memory == "gated_mlp":
+        return _GatedMLPMemory(cfg.residual, ln_eps)
+    return _MLPMemory(cfg.residual, ln_eps)
+
+
+def has_memory_ln(cfg: NeuralMemoryConfig) -> bool:
+    """Whether the memory network ends in a LayerNorm (its affine parameters outer-loop)."""
+    return cfg.memory != "linear" and cfg.memory_ln
+
+
+@dataclass(frozen=True)
+class _GatedMLPMemory:
+    """`gated_mlp_memory` (not a chain of layers: the chunked form materialises its weights)."""
+    residual: bool
+    ln_eps: float | None
+
+    def __call__(self, outer, W, x):
+        return gated_mlp_memory(outer, W, x, residual=self.residual, layer_norm_eps=self.ln_eps)
 
 
 @dataclass(frozen=True)
@@ -263,6 +292,8 @@ def memory_shapes(cfg: NeuralMemoryConfig) -> dict[str, tuple[int, ...]]:
     if cfg.memory == "linear":
         return {"w": (dk, dv)}
     h = cfg.expansion * dv
+    if cfg.memory == "gated_mlp":
+        return {"w2": (dk, h), "w3": (dk, h), "w1": (h, dv)}
     dims = [dk] + [h] * (cfg.depth - 1) + [dv]
     return {f"w{i + 1}": (dims[i], dims[i + 1]) for i in range(cfg.depth)}
 
@@ -312,7 +343,7 @@ class NeuralMemory(nnx.Module):
             W0[name] = param(normal(rngs.params(), (H,) + shape, s) if s else
                              jnp.zeros((H,) + shape, jnp.float32), ("heads", None, None))
         self.W0 = nnx.Dict(W0)
-        ln = cfg.memory == "mlp" and cfg.memory_ln
+        ln = has_memory_ln(cfg)
         self.mem_ln_w = param(jnp.ones((H, d), jnp.float32), ("heads", None)) if ln else None
         self.mem_ln_b = param(jnp.zeros((H, d), jnp.float32), ("heads", None)) if ln else None
 

@@ -29,7 +29,7 @@ from layers.atlas import (
 from layers.memory import NeuralMemory, NeuralMemoryConfig
 from layers.miras import safe_normalize
 from pallas_kernels.attention import reference as attn_ref
-from zoo.atlas import AtlasConfig, OmegaNetConfig
+from zoo.atlas import AtlasConfig, AtlasPPConfig, DLAConfig, OmegaNetConfig, SWLAConfig
 from zoo.miras import MemoraConfig, MonetaConfig, YaadConfig
 
 B, T, D, H = 2, 11, 8, 2
@@ -66,12 +66,13 @@ def ns_np(X, steps=5):
     return x.T if tall else x
 
 
-def omega_loop(q, k, v, g, W0, *, b, c, momentum, ns_steps):
+def omega_loop(q, k, v, g, W0, *, b, c, momentum, ns_steps, dot=False):
     """atlas.md §2.4–2.6 for a linear memory (row layout y = φ(q) W), gradient anchor of
     titans.md §2.7 with chunk b, window c, float64 numpy, one (row, head):
       U_t = Σ_{j<c, t−j≥0} γ^{(t)}[j] φ(k_{t−j})ᵀ(φ(k_{t−j}) W_anchor − v_{t−j})
       Atlas:    S_t = θ_t S_{t−1} + U_t,  W_t = α_t W_{t−1} − η_t NS_k(S_t)
-      OmegaNet: W_t = α_t W_{t−1} − η_t U_t;   y_t = φ(q_t) W_t."""
+      OmegaNet: W_t = α_t W_{t−1} − η_t U_t;   y_t = φ(q_t) W_t.
+    dot: the Hebbian bias (DLA, SWLA): U_t = −Σ_j γ^{(t)}[j] φ(k_{t−j})ᵀ v_{t−j}."""
     alpha, eta = np.exp(g["log_ret"]), g["lr"]
     theta = np.exp(g["log_mom"]) if momentum else None
     Tn = q.shape[0]
@@ -79,7 +80,7 @@ def omega_loop(q, k, v, g, W0, *, b, c, momentum, ns_steps):
     W, S, anc = W0.copy(), np.zeros_like(W0), W0.copy()
     ys = []
     for t in range(Tn):
-        U = sum(gam[t, j] * np.outer(k[t - j], k[t - j] @ anc - v[t - j])
+        U = sum(gam[t, j] * np.outer(k[t - j], -v[t - j] if dot else k[t - j] @ anc - v[t - j])
                 for j in range(c) if t - j >= 0)
         if momentum:
             S = theta[t] * S + U
@@ -105,7 +106,7 @@ def check_against_loop(layer, cfg, x, rtol):
                                          for j in range(cfg.window)] for t in range(x.shape[1])])
             ref = omega_loop(*(np.asarray(a[bb, :, h], np.float64) for a in (q, k, v)), gh,
                              W0[h], b=cfg.chunk, c=cfg.window, momentum=cfg.momentum,
-                             ns_steps=cfg.ns_steps)
+                             ns_steps=cfg.ns_steps, dot=cfg.objective == "dot")
             np.testing.assert_allclose(np.asarray(y[bb, :, h]), ref, rtol=rtol, atol=rtol)
 
 
@@ -125,6 +126,45 @@ def test_omeganet_linear_memory_equals_token_loop(gates):
     cfg = OmegaNetConfig(**{**BASE, "chunk": 2, "window": 3, "window_gates": gates,
                             "impl": "chunked"})
     check_against_loop(cfg.mixer(nnx.Rngs(params=0)), cfg, xs(2), rtol=2e-5)
+
+
+@pytest.mark.parametrize("cls,b,c,feature", [(DLAConfig, 1, 1, "identity"),
+                                              (DLAConfig, 3, 1, "poly"),
+                                              (SWLAConfig, 2, 3, "identity")])
+def test_dla_swla_linear_memory_is_gated_linear_attention(cls, b, c, feature):
+    """DLA (Eq. 19) and SWLA (Eq. 20) with a linear memory, the Hebbian bias −⟨φ(k) W, v⟩:
+    M_t = α_t M_{t−1} + η_t Σ_{j<c} γ_j^{(t)} φ(k_{t−j})ᵀ v_{t−j} (c = 1: gated linear attention,
+    atlas.md §7.2), y_t = φ(q_t) M_t, float64 token loop; the chunk does not matter (the Hebbian
+    gradient does not read the memory), the features may be polynomial."""
+    cfg = cls(**{**BASE, "chunk": b, "window": c, "feature": feature, "impl": "chunked"})
+    assert cfg.objective == "dot" and not cfg.momentum
+    check_against_loop(cfg.mixer(nnx.Rngs(params=0)), cfg, xs(5), rtol=2e-5)
+
+
+def test_atlas_pp_memory_is_the_gated_mlp_of_eq43():
+    """Atlas++'s memory network written out from its weights (atlas.md §2.2, Eq. 43 with the
+    spec's LayerNorm before the residual): x + LN((GELU(x W2) ⊙ (x W3)) W1), exact GELU, and the
+    entry's parameter formula (its chunked form against the reference: the conformance suite)."""
+    from layers.memory import memory_fn_of
+    cfg = AtlasPPConfig(**{**BASE, "memory": "gated_mlp", "feature": "identity", "chunk": 2})
+    layer = cfg.mixer(nnx.Rngs(params=0))
+    W = {k: np.asarray(v[...][0], np.float64) for k, v in layer.W0.items()}
+    assert W["w2"].shape == W["w3"].shape == (D // H, 4 * D // H) and W["w1"].shape == (4 * D // H, D // H)
+    x = np.asarray(rnd(3, (5, D // H)))
+    gelu = lambda a: 0.5 * a * (1.0 + np.vectorize(math.erf)(a / math.sqrt(2.0)))  # noqa: E731
+    z = (gelu(x @ W["w2"]) * (x @ W["w3"])) @ W["w1"]
+    ln_w, ln_b = (np.asarray(a[...][0], np.float64) for a in (layer.mem_ln_w, layer.mem_ln_b))
+    mu, var = z.mean(-1, keepdims=True), z.var(-1, keepdims=True)
+    want = x + (z - mu) / np.sqrt(var + 1e-5) * ln_w + ln_b
+    outer = {k: v[0] for k, v in layer.outer().items()}
+    got = memory_fn_of(layer.cfg)(outer, {k: jnp.asarray(v, jnp.float32) for k, v in W.items()},
+                                  jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    import zoo
+    entry = zoo.get("atlas_pp")
+    count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(
+        zoo.build("atlas_pp", entry.conformance.config, nnx.Rngs(params=0)), nnx.Param)))
+    assert entry.param_count(entry.conformance.config) == count
 
 
 def test_omeganet_c1_identity_linear_is_titans_without_momentum():

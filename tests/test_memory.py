@@ -282,7 +282,7 @@ def test_config_validates_impl_naming_the_key():
 
 
 MEMORY_MODELS = ("titans_lmm", "titans_mac", "titans_mag", "titans_mal", "atlas", "omeganet",
-                 "moneta", "yaad", "memora")
+                 "atlas_pp", "dla", "swla", "atlas_mag", "atlas_mal", "moneta", "yaad", "memora")
 
 
 @pytest.mark.parametrize("name", MEMORY_MODELS)

@@ -117,7 +117,7 @@ def test_mac_host_takes_another_memory_and_continues_exactly():
 
 # ----------------------------------------------------------------------------- persistent memory, MAL
 
-def _titans(name, **kw):
+def _titans_model(name, **kw):
     import dataclasses
 
     import zoo
@@ -137,7 +137,7 @@ def test_lmm_is_the_memory_on_persistent_tokens_and_zero_is_the_ablation():
     parameters per layer."""
     import zoo
     from layers.titans import PrefixedMemory
-    cfg, model = _titans("titans_lmm", n_persistent=3)
+    cfg, model = _titans_model("titans_lmm", n_persistent=3)
     mixers = _mixers(model)
     assert all(isinstance(m, PrefixedMemory) for m in mixers) and cfg.chunk == 4
     x = jax.random.normal(jax.random.key(1), (2, 9, cfg.dim))
@@ -145,7 +145,7 @@ def test_lmm_is_the_memory_on_persistent_tokens_and_zero_is_the_ablation():
         P = jnp.broadcast_to(m.persistent[...], (2, 3, cfg.dim))
         want = m.memory(jnp.concatenate([P, x], axis=1), m.memory.init_state(2))[0][:, 3:]
         np.testing.assert_allclose(m(x)[0], want, rtol=1e-5, atol=1e-6)
-    cfg0, bare = _titans("titans_lmm", n_persistent=0)
+    cfg0, bare = _titans_model("titans_lmm", n_persistent=0)
     assert all(isinstance(m, NeuralMemory) for m in _mixers(bare))
     count = lambda mod: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(mod, nnx.Param)))  # noqa: E731
     assert count(model) - count(bare) == cfg.n_layers * 3 * cfg.dim
@@ -162,7 +162,7 @@ def test_mal_literal_is_window_attention_over_the_memory_outputs():
     import zoo
     from layers.rope import apply_rope
     from layers.titans import MALMixer
-    cfg, model = _titans("titans_mal", mal_layout="literal")
+    cfg, model = _titans_model("titans_mal", mal_layout="literal")
     mixers = _mixers(model)
     assert len(mixers) == cfg.n_layers and all(isinstance(m, MALMixer) for m in mixers)
     count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(model, nnx.Param)))

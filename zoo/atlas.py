@@ -4,6 +4,9 @@ attention-like DeepTransformer / SWDT through the kernel form of the exponential
 * "atlas":     Omega rule (window c, paper-literal gates γ) + momentum + Newton–Schulz (Muon),
                learning rate outside the momentum (Eqs. 32–33), polynomial features, MLP memory.
 * "omeganet":  Omega rule + plain gradient descent + polynomial features (Eq. 10).
+* "atlas_pp":  Atlas++ — Atlas with the gated MLP memory (Eq. 43).
+* "dla", "swla": the Hebbian (dot-product) bias online (DLA, Eq. 19) and summed over the window
+               c with gates (SWLA, Eq. 20), plain GD, deep memory, polynomial features.
 * "atlas_mag", "atlas_mal": Atlas inside Titans' MAG / MAL hosts (atlas.md §3, "exactly as in"
                titans.md §3.5–3.6; `MemoryLMConfig.hybrid`, which every memory LM here has:
                the Miras -H hybrids are `hybrid="mal"`, configs/miras.py).
@@ -41,8 +44,8 @@ from flax import nnx
 from layers.atlas import AtlasMemory
 from layers.common import check_block, check_impl, check_rope_head_dim
 from layers.deep_transformer import DeepTransformerMixer, deep_transformer_mixer_flops
-from layers.memory import NeuralMemoryConfig
-from layers.memory_counts import XLA_FLOPS_RANGE
+from layers.memory import MEMORIES, NeuralMemoryConfig
+from layers.memory_counts import XLA_FLOPS_RANGE, XLA_FLOPS_RANGE_ONLINE_GD
 from layers.mlp import llama_ffn_dim
 from layers.norms import RMSNorm
 from layers.titans import (
@@ -82,7 +85,7 @@ class MemoryLMConfig:
     dim: int = 64
     n_layers: int = 2
     n_heads: int = 4
-    memory: str = "mlp"             # mlp | linear
+    memory: str = "mlp"             # mlp | linear | gated_mlp (Atlas++, Eq. 43)
     depth: int = 2
     expansion: int = 4
     chunk: int = 16
@@ -117,8 +120,8 @@ class MemoryLMConfig:
                              f"{('none',) + HYBRIDS}")
         check_impl(self.impl, ("neural_memory",) if self.hybrid == "none"
                    else ("neural_memory", "attention"))
+        check_block(self.block)
         if self.hybrid != "none":
-            check_block(self.block)
             if self.mal_layout not in MAL_LAYOUTS:
                 raise ValueError(f"model.mal_layout={self.mal_layout!r} is not one of "
                                  f"{MAL_LAYOUTS}")
@@ -131,8 +134,8 @@ class MemoryLMConfig:
             check_rope_head_dim(self.dim // self.n_attn_heads, f"model.dim={self.dim} / the "
                                 f"{self.n_attn_heads} attention heads (model.attn_heads, "
                                 "default model.n_heads)")
-        if self.memory not in ("mlp", "linear"):
-            raise ValueError(f"model.memory={self.memory!r} is not one of ('mlp', 'linear')")
+        if self.memory not in MEMORIES:
+            raise ValueError(f"model.memory={self.memory!r} is not one of {MEMORIES}")
         if self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.chunk < 1:
@@ -233,11 +236,13 @@ class AtlasConfig(MemoryLMConfig):
     window_gates: str = "window"    # window | keep
     theta_bias: float = 1.0
     gamma_bias: float = 2.2
+    objective: str = "l2"           # l2 (Omega rule) | dot (Hebbian: DLA, SWLA, atlas.md §2.7)
 
     def validate(self):
         super().validate()
         for key, val, ok in (("feature", self.feature, ("poly", "identity")),
-                             ("window_gates", self.window_gates, ("window", "keep"))):
+                             ("window_gates", self.window_gates, ("window", "keep")),
+                             ("objective", self.objective, ("l2", "dot"))):
             if val not in ok:
                 raise ValueError(f"model.{key}={val!r} is not one of {ok}")
         if self.window < 1:
@@ -249,7 +254,8 @@ class AtlasConfig(MemoryLMConfig):
         """... with the Omega window c and momentum (the layer's eta weights carry the ATLAS
         momentum logit θ)."""
         return dataclasses.replace(super().memory_config(), window=self.window,
-                                   momentum=self.momentum, eta_bias=self.theta_bias)
+                                   momentum=self.momentum, eta_bias=self.theta_bias,
+                                   objective=self.objective)
 
     def memory_layer(self):
         return AtlasMemory, dict(
@@ -293,6 +299,61 @@ def build_omeganet(cfg: OmegaNetConfig, rngs: nnx.Rngs) -> CausalLM:
         raise ValueError("model.momentum=True is Atlas; use the 'atlas' entry")
     return cfg.build(rngs)
 
+
+# ----------------------------------------------------------------------------- Atlas++, DLA, SWLA
+
+
+@dataclass(frozen=True)
+class AtlasPPConfig(AtlasConfig):
+    """Atlas++ (atlas.md §2.2, Eq. 43; Table 2's row): Atlas with the gated MLP memory
+    x_res + LN((GELU(x W2) ⊙ (x W3)) W1) (`layers.memory.gated_mlp_memory`)."""
+    memory: str = "gated_mlp"
+
+
+@dataclass(frozen=True)
+class DLAConfig(OmegaNetConfig):
+    """DLA, deep (gated) linear attention (atlas.md §2.7, Eq. 19): the Hebbian bias
+    ℓ = −⟨M(φ(k)), v⟩ online (window 1), M_t = α_t M_{t−1} − η_t ∇ℓ(M_{t−1}; φ(k_t), v_t), plain
+    GD, the deep (MLP) memory and polynomial features; a linear memory is gated linear attention
+    M_t = α_t M_{t−1} + η_t φ(k_t)ᵀ v_t."""
+    objective: str = "dot"
+    window: int = 1
+
+
+@dataclass(frozen=True)
+class SWLAConfig(OmegaNetConfig):
+    """SWLA, sliding-window linear attention (atlas.md §2.7, Eq. 20): the Hebbian bias summed over
+    the window c with the gates γ (the Omega rule's window on the dot objective), plain GD, deep
+    memory, polynomial features; linear case M_t = α_t M_{t−1} + η_t Σ_{j<c} γ_j^{(t)}
+    φ(k_{t−j})ᵀ v_{t−j}."""
+    objective: str = "dot"
+
+
+def _variant_builder(name, need):
+    def build(cfg: AtlasConfig, rngs: nnx.Rngs) -> CausalLM:
+        for key, want in need.items():
+            if getattr(cfg, key) != want:
+                raise ValueError(f"model.{key}={getattr(cfg, key)!r} is not {name}'s {want!r}: "
+                                 "use the entry that has it")
+        return cfg.build(rngs)
+    build.__module__ = __name__
+    build.__doc__ = f"{name}: its config class's docstring (the equation it is)."
+    return build
+
+
+# DLA's FLOP range: online plain GD (c = 1, no momentum) does the fewest products per memory weight
+# (`layers.memory_counts.XLA_FLOPS_RANGE_ONLINE_GD`).
+for _name, _cls, _need, _tol in (
+        ("atlas_pp", AtlasPPConfig, dict(memory="gated_mlp", momentum=True), 5e-5),
+        ("dla", DLAConfig, dict(objective="dot", window=1, momentum=False), 1e-5),
+        ("swla", SWLAConfig, dict(objective="dot", momentum=False), 1e-5)):
+    _range = XLA_FLOPS_RANGE_ONLINE_GD if _name == "dla" else XLA_FLOPS_RANGE
+    _tiny = {**_TINY, "window": _cls().window if _name == "dla" else 4}
+    register(_name, config=_cls, param_count=AtlasConfig.param_count, flops=AtlasConfig.flops,
+             conformance=ConformanceSpec(
+                 config=_cls(**_tiny), length=13, cuts=(1, 3, 5, 12),
+                 reference={"impl": "reference"}, fast=({"impl": "chunked"},), atol=_tol,
+                 rtol=_tol, flops_range=_range))(_variant_builder(_name, _need))
 
 # ----------------------------------------------------------------------------- Atlas MAG / MAL
 
