@@ -19,10 +19,12 @@ attention-like DeepTransformer / SWDT through the kernel form of the exponential
   weights η_i·exp(s q_t·k_i) / Σ_j η_j·exp(s q_t·k_j); η ≡ 1 is softmax attention exactly. SWDT
   keeps the last c tokens: the shared sliding-window op with W = c − 1. They decode through the
   shared KV cache (the rate enters as one extra key channel, log η_i, met by a constant query
-  channel 1/s). The deep (multi-layer φ*) variants and Dot are not built as models: the paper
-  gives no exact construction for deep φ* memories, and Dot's normalised form is not defined;
-  Dot's exact kernel forms (triangular solve, token loop) are test references
-  (`tests/memory_reference.py`).
+  channel 1/s). The deep (multi-layer φ*) variants are not built: the paper gives no exact
+  construction for deep φ* memories.
+* "dot":       Dot, the Deep Omega Transformer (Eq. 27) at c = 1 on a linear memory over φ*: the
+               kernelised delta rule of Eqs. 30–31 (`layers.dot.DotMixer`, op
+               `pallas_kernels.kernel_delta`), unnormalised as Eq. 27 defines it; its window
+               c > 1 token loop stays a test reference (`tests/memory_reference.py`).
 
 Choices: ATLAS gates are per-head scalars from linear maps of x_t; polynomial degree p with
 exact symmetric features on the ℓ2-normalised per-head q, k (no down-projection); the degree-1
@@ -44,6 +46,7 @@ from flax import nnx
 from layers.atlas import AtlasMemory
 from layers.common import check_block, check_impl, check_rope_head_dim
 from layers.deep_transformer import DeepTransformerMixer, deep_transformer_mixer_flops
+from layers.dot import DotMixer, dot_mixer_flops
 from layers.memory import MEMORIES, NeuralMemoryConfig
 from layers.memory_counts import XLA_FLOPS_RANGE, XLA_FLOPS_RANGE_ONLINE_GD
 from layers.mlp import llama_ffn_dim
@@ -506,3 +509,75 @@ def build_swdt(cfg: SWDTConfig, rngs: nnx.Rngs) -> CausalLM:
     if cfg.window is None:
         raise ValueError("model.window=None is the full DeepTransformer; use 'deep_transformer'")
     return build_deep_transformer_lm(cfg, rngs)
+
+
+# ----------------------------------------------------------------------------- Dot
+
+
+@dataclass(frozen=True)
+class DotConfig:
+    """Dot, the Deep Omega Transformer (atlas.md §2.7, Eq. 27; Eqs. 30–31 in closed form): the
+    kernelised delta rule on φ* with c = 1, M_0 = 0, α ≡ 1 (`layers.dot.DotMixer`, whose
+    docstring states the choices: RoPE then ℓ2-normalised q, k, kernel scale s, write rate
+    η = sigmoid per head) in Llama-style blocks. impl: the kernel_delta op's."""
+    vocab_size: int = 256
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    rate_bias: float = 0.0
+    kernel_scale: float = 0.5       # s of κ(a, b) = exp(s a·b)
+    rope_base: float = 10000.0
+    max_len: int = 2048             # KV-cache length
+    ffn_dim: int | None = None
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+    impl: str = "auto"              # op kernel_delta
+
+    def validate(self):
+        check_impl(self.impl, ("kernel_delta",))
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        check_rope_head_dim(self.dim // self.n_heads,
+                            f"model.dim={self.dim} / model.n_heads={self.n_heads}")
+        if not 0 < self.kernel_scale <= 0.69:
+            raise ValueError(f"model.kernel_scale={self.kernel_scale} must be in (0, 0.69]: a "
+                             "write is contractive only while η·exp(s) <= 2 (η <= 1)")
+
+    @property
+    def d_ff(self) -> int:
+        return self.ffn_dim or llama_ffn_dim(self.dim, 256 if self.dim >= 512 else 64)
+
+
+def dot_param_count(cfg: DotConfig) -> int:
+    D = cfg.dim
+    block = swiglu_block_count(4 * D * D + (D + 1) * cfg.n_heads, dim=D, ffn_dim=cfg.d_ff)
+    return lm_param_count([block] * cfg.n_layers, vocab_size=cfg.vocab_size, dim=D,
+                          tie_embeddings=cfg.tie_embeddings)
+
+
+def dot_flops(cfg: DotConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 3 x (n_layers x [`dot_mixer_flops` over the seq_len keys the
+    forms compute (masked to the causal triangle) + 6 D F] + 2 D V)."""
+    mixer = dot_mixer_flops(cfg.dim, cfg.n_heads, causal_keys(seq_len))
+    block = swiglu_block_flops(mixer, dim=cfg.dim, ffn_dim=cfg.d_ff)
+    return lm_flops([block] * cfg.n_layers, vocab_size=cfg.vocab_size, dim=cfg.dim)
+
+
+@register("dot", config=DotConfig, param_count=dot_param_count, flops=dot_flops,
+          conformance=ConformanceSpec(
+              config=DotConfig(vocab_size=37, dim=16, n_layers=2, n_heads=2, max_len=64,
+                               init_std=0.1), length=13, cuts=(1, 6, 7, 12),
+              reference={"impl": "reference"}, fast=({"impl": "chunked"},)))
+def build_dot(cfg: DotConfig, rngs: nnx.Rngs) -> CausalLM:
+    """Dot (Eq. 27, c = 1): [DotMixer, SwiGLU] blocks in the shared LM scaffold."""
+    cfg.validate()
+    mixer = lambda: DotMixer(cfg.dim, cfg.n_heads, rngs=rngs, rate_bias=cfg.rate_bias,  # noqa: E731
+                             scale=cfg.kernel_scale, rope_base=cfg.rope_base,
+                             max_len=cfg.max_len, norm_eps=cfg.norm_eps, init_std=cfg.init_std,
+                             impl=cfg.impl)
+    blocks = [swiglu_block(mixer(), dim=cfg.dim, ffn_dim=cfg.d_ff, norm_eps=cfg.norm_eps,
+                           init_std=cfg.init_std, rngs=rngs) for _ in range(cfg.n_layers)]
+    return build_lm(blocks, vocab_size=cfg.vocab_size, dim=cfg.dim,
+                    final_norm=RMSNorm(cfg.dim, eps=cfg.norm_eps), rngs=rngs,
+                    tie_embeddings=cfg.tie_embeddings, init_std=cfg.init_std)
