@@ -75,15 +75,21 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
     return P(*out)
 
 
-def param_shardings(state, mesh: Mesh, rules: Mapping[str, str | None] = RULES):
-    """NamedSharding for every leaf of an nnx State (or pytree of Variables)."""
+def placer(mesh: Mesh, rules: Mapping[str, str | None] = RULES):
+    """`variable -> NamedSharding` by the logical-axis rules (replicated without axis names):
+    the sharding of one parameter, e.g. for `zoo.hf.load(path, place=placer(mesh))`."""
     def one(v):
         names = getattr(v, "out_sharding", None) or getattr(v, "sharding_names", None)
         value = v.get_value() if isinstance(v, nnx.Variable) else v  # arrays or ShapeDtypeStructs
         if names is None:
             return NamedSharding(mesh, P())
         return NamedSharding(mesh, logical_to_spec(names, value.shape, mesh, rules))
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return one
+
+
+def param_shardings(state, mesh: Mesh, rules: Mapping[str, str | None] = RULES):
+    """NamedSharding for every leaf of an nnx State (or pytree of Variables)."""
+    return jax.tree.map(placer(mesh, rules), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -47,10 +47,12 @@ SINGLE = "model.safetensors"
 class CheckpointTensors(Mapping):
     """The tensors of a checkpoint directory by name, read lazily through `safetensors.safe_open`
     (memory-mapped; a tensor is materialised only when it is asked for). `files`: tensor name ->
-    .safetensors path (one file, or a sharded checkpoint's weight map)."""
+    .safetensors path (one file, or a sharded checkpoint's weight map). `place`: None, or
+    `variable -> jax.sharding.Sharding`, where the converters put each parameter (`load`)."""
 
-    def __init__(self, files: dict[str, str]):
+    def __init__(self, files: dict[str, str], place: Callable | None = None):
         self.files = dict(files)
+        self.place = place
         self._open: dict[str, Any] = {}
 
     @classmethod
@@ -245,9 +247,14 @@ def resolve(name: str) -> str:
                                 f"`hf download {name}`") from None
 
 
-def load(path: str) -> nnx.Module:
+def load(path: str, *, place: Callable | None = None) -> nnx.Module:
     """Build the seqzoo model for a Hugging Face checkpoint (a local directory, or a hub id in
-    the local cache: `resolve`) and load its weights."""
+    the local cache: `resolve`) and load its weights.
+
+    `place`: `variable -> jax.sharding.Sharding` (e.g. `train.sharding.placer(mesh)`, the
+    trainer's logical-axis rules): each tensor goes from the memory-mapped file straight into
+    its parameter's sharding (`jax.device_put` of one host tensor at a time); None: the
+    default device."""
     path = resolve(path)
     config = load_config(path)
     archs = config.get("architectures") or []
@@ -257,7 +264,9 @@ def load(path: str) -> nnx.Module:
     if arch not in _CONVERTERS:
         raise ValueError(f"{path}: no converter for architecture {arch!r}; "
                          f"known: {', '.join(sorted(_CONVERTERS))}")
-    return _CONVERTERS[arch](config, CheckpointTensors.from_dir(path))
+    tensors = CheckpointTensors.from_dir(path)
+    tensors.place = place
+    return _CONVERTERS[arch](config, tensors)
 
 
 def build_abstract(build: Callable, cfg) -> nnx.Module:
@@ -282,6 +291,7 @@ class TensorSource:
 
     def __init__(self, tensors: Mapping[str, np.ndarray]):
         self.tensors = tensors          # not copied: a CheckpointTensors reads on demand
+        self.place = getattr(tensors, "place", None)
         self.used: set[str] = set()
 
     def take(self, name: str, shape: tuple[int, ...], transpose: bool = False) -> np.ndarray:
@@ -297,9 +307,18 @@ class TensorSource:
         return arr
 
     def assign(self, var: nnx.Variable, name: str, transpose: bool = False) -> None:
-        import jax.numpy as jnp
         cur = var.get_value()           # an array, or a ShapeDtypeStruct (build_abstract)
-        var.set_value(jnp.asarray(self.take(name, tuple(cur.shape), transpose), cur.dtype))
+        self.put(var, self.take(name, tuple(cur.shape), transpose))
+
+    def put(self, var: nnx.Variable, arr: np.ndarray) -> None:
+        """Set `var` to `arr` in the variable's dtype, on its sharding when placing."""
+        import jax
+        import jax.numpy as jnp
+        cur = var.get_value()
+        if self.place is None:
+            var.set_value(jnp.asarray(arr, cur.dtype))
+        else:
+            var.set_value(jax.device_put(np.asarray(arr, cur.dtype), self.place(var)))
 
     def check_all_used(self, ignore: tuple[str, ...] = ()) -> None:
         left = sorted(k for k in self.tensors if k not in self.used

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -271,7 +270,7 @@ def _conv_name(i: int) -> str:
 
 def _conv(src: _hf.TensorSource, conv, name: str) -> None:
     C, K = conv.weight.get_value().shape          # also on an abstract model
-    conv.weight.set_value(jnp.asarray(src.take(name + ".weight", (C, 1, K))[:, 0, :]))
+    src.put(conv.weight, src.take(name + ".weight", (C, 1, K))[:, 0, :])
     if conv.bias is not None:
         src.assign(conv.bias, name + ".bias")
 
