@@ -25,6 +25,7 @@ from typing import Sequence
 
 from eval import tasks as tasks_lib
 from eval.results import ResultsStore, markdown_table
+from train import paths as fs
 from train.errors import one_line
 
 
@@ -83,17 +84,17 @@ def expand_run_dirs(specs: Sequence[str]) -> list[str]:
             if not part:
                 continue
             if glob.has_magic(part):
-                hits = sorted(d for d in glob.glob(part) if os.path.isdir(d))
+                hits = [d for d in fs.glob_(part) if fs.isdir(d)]
                 if not hits:
                     raise EvalError(f"no run directory matches {part!r}")
                 out.extend(hits)
             else:
-                if not os.path.isdir(part):
+                if not fs.isdir(part):
                     raise EvalError(f"run directory {part!r} does not exist")
                 out.append(part)
     seen, uniq = set(), []
     for d in out:
-        key = os.path.abspath(d)
+        key = fs.absolute(d)
         if key not in seen:
             seen.add(key)
             uniq.append(d)
@@ -117,7 +118,7 @@ def select_steps(spec: str, available: list[int], run_dir: str) -> list[int]:
 
 
 def run_name(run_dir: str) -> str:
-    return os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
+    return fs.basename(fs.absolute(run_dir))
 
 
 
@@ -152,11 +153,12 @@ def plan_runs(args, run_dirs: list[str]) -> list[RunPlan]:
         except (ValueError, KeyError, TypeError) as e:
             raise EvalError(f"{d}: config does not fit the code: {one_line(e)}") from None
         out = args.out or run.eval_path
-        key = os.path.abspath(out)
+        key = fs.absolute(out)
         if key not in stores:
             stores[key] = ResultsStore(out)
         # a run is named by its directory; by its path where two directories share a name
-        name = run_name(d) if base.count(run_name(d)) == 1 else os.path.normpath(d)
+        name = (run_name(d) if base.count(run_name(d)) == 1
+                else d if fs.is_remote(d) else os.path.normpath(d))
         plans.append(RunPlan(d, run, name, model_name, model_cfg, cfg.get("data"),
                              select_steps(args.steps, steps, d), stores[key]))
     return plans
@@ -265,10 +267,10 @@ def _main(argv) -> int:
         from eval import plots
         for st in stores:
             mine = [r for r in rows if any(p.store is st and p.name == r["run"] for p in plans)]
-            pdir = os.path.join(st.out_dir, "plots")
+            pdir = fs.join(st.out_dir, "plots")
             plots.passkey_heatmaps(mine, pdir)
             plots.accuracy_vs_length(mine, pdir)
             plots.loss_curves([p.run_dir for p in plans if p.store is st],
-                              os.path.join(pdir, "loss_curves.png"))
+                              fs.join(pdir, "loss_curves.png"))
     print(markdown_table(rows))
     return 1 if failures else 0

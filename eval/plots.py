@@ -26,6 +26,21 @@ import numpy as np  # noqa: E402
 
 from eval.results import latest  # noqa: E402
 from eval.tasks import SKIPPED, parse_setting  # noqa: E402
+from train import paths as fs  # noqa: E402
+
+
+def _save(fig, path: str) -> None:
+    """Save a figure as PNG to a local path or to object storage (train.paths), then close it."""
+    if fs.is_remote(path):
+        import io
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=100, format="png")
+        with fs.open_(path, "wb") as f:
+            f.write(buf.getvalue())
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _safe(s: str) -> str:
@@ -64,10 +79,8 @@ def passkey_heatmaps(rows: Iterable[Mapping], out_dir: str, task: str = "passkey
         ax.set_title(f"{task} {metric}: {run} @ {step}", fontsize=9)
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, f"{_safe(task)}_heatmap_{_safe(run)}_step{step}.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        path = fs.join(out_dir, f"{_safe(task)}_heatmap_{_safe(run)}_step{step}.png")
+        _save(fig, path)
         paths.append(path)
     return paths
 
@@ -102,10 +115,8 @@ def accuracy_vs_length(rows: Iterable[Mapping], out_dir: str, metric: str = "acc
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, f"{_safe(task)}_{metric}_vs_length.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        path = fs.join(out_dir, f"{_safe(task)}_{metric}_vs_length.png")
+        _save(fig, path)
         paths.append(path)
     return paths
 
@@ -114,10 +125,10 @@ def read_metrics(run_dir: str) -> list[dict]:
     from train.rundir import RunDir
     path = RunDir(run_dir).metrics_path
     out = []
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return out
-    with open(path) as f:
-        for line in f:
+    with fs.open_(path, "r") as f:
+        for line in f.read().splitlines(keepends=True):
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
@@ -127,7 +138,7 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 def loss_curves(run_dirs: Sequence[str], path: str) -> list[str]:
     """Train loss and held-out loss against step for several runs side by side."""
-    runs = [(os.path.basename(os.path.normpath(d)), read_metrics(d)) for d in run_dirs]
+    runs = [(fs.basename(fs.absolute(d)), read_metrics(d)) for d in run_dirs]
     runs = [(n, m) for n, m in runs if m]
     if not runs:
         return []
@@ -149,7 +160,5 @@ def loss_curves(run_dirs: Sequence[str], path: str) -> list[str]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return [path]

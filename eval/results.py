@@ -22,6 +22,8 @@ import math
 import os
 from typing import Iterable, Mapping, Sequence
 
+from train import paths as fs
+
 FIELDS = ("run", "model", "step", "task", "setting", "metric", "value")
 UNIT = ("run", "step", "task", "setting")
 KEY = UNIT + ("metric",)
@@ -49,11 +51,11 @@ def read_rows(path: str) -> list[dict]:
 
     Lines that are not complete JSON rows (never written by this module) are ignored.
     """
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return []
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    with fs.open_(path, "r") as f:
+        for line in f.read().splitlines(keepends=True):
             if not line.endswith("\n"):
                 continue
             try:
@@ -74,6 +76,10 @@ def latest(rows: Iterable[Mapping]) -> list[dict]:
 
 
 def _write_atomic(path: str, text: str) -> None:
+    if fs.is_remote(path):          # an object appears whole when its upload completes
+        with fs.open_(path, "w") as f:
+            f.write(text)
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8", newline="") as f:
         f.write(text)
@@ -96,8 +102,8 @@ class ResultsStore:
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
-        self.jsonl = os.path.join(out_dir, JSONL)
-        self.csv = os.path.join(out_dir, CSV)
+        self.jsonl = fs.join(out_dir, JSONL)
+        self.csv = fs.join(out_dir, CSV)
         self._rows = read_rows(self.jsonl)
         self._units = {unit_key(r) for r in self._rows}
 
@@ -112,6 +118,28 @@ class ResultsStore:
         if not rows:
             return
         data = "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows).encode("utf-8")
+        if fs.is_remote(self.jsonl):
+            self._append_remote(data)
+        else:
+            self._append_local(data)
+        self._rows.extend(rows)
+        self._units.update(unit_key(r) for r in rows)
+        # rebuilt from the file, so rows appended by another process sharing --out are kept
+        _write_atomic(self.csv, _csv_text(latest(read_rows(self.jsonl))))
+
+    def _append_remote(self, data: bytes) -> None:
+        """An object store has no append: the object is rewritten with the rows added (one
+        writer per --out there; local stores take concurrent appenders)."""
+        old = b""
+        if fs.exists(self.jsonl):
+            with fs.open_(self.jsonl, "rb") as f:
+                old = f.read()
+        if old and not old.endswith(b"\n"):
+            old += b"\n"
+        with fs.open_(self.jsonl, "wb") as f:
+            f.write(old + data)
+
+    def _append_local(self, data: bytes) -> None:
         os.makedirs(self.out_dir, exist_ok=True)
         fd = os.open(self.jsonl, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -124,10 +152,6 @@ class ResultsStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._rows.extend(rows)
-        self._units.update(unit_key(r) for r in rows)
-        # rebuilt from the file, so rows appended by another process sharing --out are kept
-        _write_atomic(self.csv, _csv_text(latest(read_rows(self.jsonl))))
 
 
 def fmt_value(v: float) -> str:

@@ -40,15 +40,23 @@ def _die(evidence_path, **seen):
 
 
 def _listing(run_dir):
-    ck = os.path.join(run_dir, "checkpoints")
-    return sorted(os.listdir(ck)) if os.path.isdir(ck) else []
+    from train import paths  # a local or a gs:// run directory (tests/test_gcs.py)
+    ck = paths.join(run_dir, "checkpoints")
+    return sorted(paths.listdir(ck)) if paths.isdir(ck) else []
+
+
+def _complete(run_dir):
+    """The committed steps (on an object store a step's directory exists before its commit)."""
+    rd = RunDir(run_dir)
+    return rd.steps() if rd.exists() else []
 
 
 def main(point, run_dir, evidence, *overrides):
     over = {}
     for kv in overrides:
         k, v = kv.split("=", 1)
-        over[k] = int(v) if v.lstrip("-").isdigit() else v
+        over[k] = (int(v) if v.lstrip("-").isdigit() else
+                   {"True": True, "False": False}.get(v, v))
     cfg = tiny_cfg(run_dir, **over)
     from orbax.checkpoint._src.path import atomicity
     real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
@@ -65,7 +73,7 @@ def main(point, run_dir, evidence, *overrides):
             if calls["n"] == 6:                     # step 5 dispatched, fetching batch 6
                 # (once step 3's save has committed: this point is a step, not a save)
                 t0 = time.time()
-                while "3" not in _listing(run_dir) and time.time() - t0 < 60:
+                while 3 not in _complete(run_dir) and time.time() - t0 < 60:
                     time.sleep(0.05)
                 _die(evidence, point=point, batches=calls["n"], listing=_listing(run_dir))
             return real(batch, mesh, spec)

@@ -93,6 +93,7 @@ def checkpoint_defaults() -> ml_collections.ConfigDict:
     # SIGTERM (a preemption notice): finish the step, save synchronously, skip the final eval
     # and exit 0; a warning when that took longer than this many seconds (0: no deadline)
     c.preempt_deadline_s = 30.0
+    c.ocdbt = True                 # orbax's OCDBT array store (False: one zarr per array)
     return c
 
 

@@ -11,42 +11,83 @@ import time
 
 class MetricsWriter:
     """Appends JSON lines to `jsonl_path` and scalars to TensorBoard files in `tb_dir` (process 0
-    only: `enabled`)."""
+    only: `enabled`). On object storage (gs://, `train.paths`), which has no appends, the lines
+    are kept and the whole object is rewritten at every write (metrics are small; a resumed run
+    starts from the lines already there); the TensorBoard events are written to a local
+    temporary directory and uploaded to <run>/tb/ at every evaluation and at close."""
 
     def __init__(self, jsonl_path: str, tb_dir: str, enabled: bool = True):
+        from train import paths
         self.enabled = enabled
         self._tb = None
+        self._tb_remote = None
         self._f = None
+        self._path = jsonl_path
+        self._lines: list[str] | None = None
         if enabled:
-            os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
-            self._f = open(jsonl_path, "a")
+            if paths.is_remote(jsonl_path):
+                self._lines = []
+                if paths.isfile(jsonl_path):
+                    with paths.open_(jsonl_path, "r") as f:
+                        self._lines = [ln for ln in f.read().splitlines() if ln.strip()]
+            else:
+                os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
+                self._f = open(jsonl_path, "a")
             from tensorboardX import SummaryWriter
+            self._tb_remote = tb_dir if paths.is_remote(tb_dir) else None
+            if self._tb_remote:      # events are written locally and uploaded (`_upload_tb`)
+                import tempfile
+                tb_dir = tempfile.mkdtemp(prefix="seqzoo-tb-")
+            self._tb_local = tb_dir
             self._tb = SummaryWriter(tb_dir)
+
+    def _append(self, line: str) -> None:
+        if self._lines is None:
+            self._f.write(line + "\n")
+            self._f.flush()
+            return
+        from train import paths
+        self._lines.append(line)
+        with paths.open_(self._path, "w") as f:
+            f.write("\n".join(self._lines) + "\n")
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         rec = {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (int, str)) else v)
                for k, v in record.items()}
-        self._f.write(json.dumps(rec) + "\n")
-        self._f.flush()
+        self._append(json.dumps(rec))
         step = int(rec["step"])
         prefix = rec.get("split", "train")
         for k, v in rec.items():
             if k in ("step", "split") or not isinstance(v, (int, float)):
                 continue
             self._tb.add_scalar(f"{prefix}/{k}", v, step)
+        if self._tb_remote and prefix != "train":
+            self._upload_tb()
+
+    def _upload_tb(self) -> None:
+        from train import paths
+        self._tb.flush()
+        for name in os.listdir(self._tb_local):
+            paths.upload(os.path.join(self._tb_local, name), paths.join(self._tb_remote, name))
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
+        if self._tb is not None:
+            if self._f is not None:
+                self._f.close()
             self._tb.close()
+            if self._tb_remote:
+                self._upload_tb()
+                import shutil
+                shutil.rmtree(self._tb_local, ignore_errors=True)
             self._f = self._tb = None
 
 
 def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from train import paths
+    with paths.open_(path, "r") as f:
+        return [json.loads(line) for line in f.read().splitlines() if line.strip()]
 
 
 def fmt_time(s: float) -> str:

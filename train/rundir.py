@@ -34,13 +34,13 @@ Parameters are stored as the *pure dict* of the model's nnx state (`nnx.to_pure_
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 import shutil
 from typing import TYPE_CHECKING
 
+from train import paths as pth
 from train.errors import one_line
 
 if TYPE_CHECKING:   # imported where used: reading the layout needs neither JAX nor orbax
@@ -71,16 +71,15 @@ def _why(e: BaseException) -> str:
 def _file_digests(root: str) -> dict:
     """{relative path: [size, sha256]} of every file under `root`."""
     out = {}
-    for base, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(base, name)
-            out[os.path.relpath(path, root)] = [os.path.getsize(path), _sha256(path)]
+    for rel in pth.walk_files(root):
+        path = pth.join(root, rel)
+        out[rel] = [pth.size(path), _sha256(path)]
     return out
 
 
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with pth.open_(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -91,7 +90,7 @@ class RunDir:
 
     def __init__(self, path):
         self.given = os.fspath(path)          # as the caller named it (error messages)
-        self.path = os.path.abspath(self.given)
+        self.path = pth.absolute(self.given)    # a local path made absolute, or gs://...
         self._config: ml_collections.ConfigDict | None = None
 
     def __repr__(self) -> str:
@@ -103,43 +102,48 @@ class RunDir:
     # -- paths
     @property
     def name(self) -> str:
-        return os.path.basename(os.path.normpath(self.path))
+        return pth.basename(self.path)
 
     @property
     def config_path(self) -> str:
-        return os.path.join(self.path, CONFIG_JSON)
+        return pth.join(self.path, CONFIG_JSON)
 
     @property
     def checkpoints_path(self) -> str:
-        return os.path.join(self.path, CHECKPOINTS)
+        return pth.join(self.path, CHECKPOINTS)
 
     @property
     def metrics_path(self) -> str:
-        return os.path.join(self.path, METRICS_JSONL)
+        return pth.join(self.path, METRICS_JSONL)
 
     @property
     def tb_path(self) -> str:
-        return os.path.join(self.path, TB)
+        return pth.join(self.path, TB)
 
     @property
     def eval_path(self) -> str:
-        return os.path.join(self.path, EVAL)
+        return pth.join(self.path, EVAL)
 
     @property
     def wall_path(self) -> str:
-        return os.path.join(self.path, WALL_JSON)
+        return pth.join(self.path, WALL_JSON)
 
     def step_path(self, step: int) -> str:
-        return os.path.join(self.checkpoints_path, str(int(step)))
+        return pth.join(self.checkpoints_path, str(int(step)))
 
     def checksum_path(self, step: int) -> str:
-        return os.path.join(self.path, CHECKSUMS, f"{int(step)}.json")
+        return pth.join(self.path, CHECKSUMS, f"{int(step)}.json")
+
+    @property
+    def remote(self) -> bool:
+        """On object storage (gs://...): train.paths."""
+        return pth.is_remote(self.path)
 
     def exists(self) -> bool:
-        return os.path.isdir(self.path)
+        return pth.isdir(self.path)
 
     def create(self) -> None:
-        os.makedirs(self.path, exist_ok=True)
+        pth.makedirs(self.path)
 
     def _require(self) -> None:
         if not self.exists():
@@ -149,9 +153,9 @@ class RunDir:
     def write_config(self, resolved) -> None:
         """Write the resolved config (a ConfigDict or its JSON form) as config.json."""
         from train import config as config_lib
-        os.makedirs(self.path, exist_ok=True)
-        with open(self.config_path, "w") as f:
-            json.dump(config_lib.to_jsonable(resolved), f, indent=2, sort_keys=True)
+        pth.makedirs(self.path)
+        with pth.open_(self.config_path, "w") as f:
+            f.write(json.dumps(config_lib.to_jsonable(resolved), indent=2, sort_keys=True))
         self._config = None
 
     def read_config(self) -> ml_collections.ConfigDict:
@@ -159,13 +163,13 @@ class RunDir:
         if self._config is None:
             from train import config as config_lib
             self._require()
-            if not os.path.isfile(self.config_path):
+            if not pth.isfile(self.config_path):
                 raise FileNotFoundError(f"{os.path.join(self.given, CONFIG_JSON)} not found: "
                                         "not a seqzoo run directory")
             where = os.path.join(self.given, CONFIG_JSON)
             try:
-                with open(self.config_path, encoding="utf-8") as f:
-                    d = json.load(f)
+                with pth.open_(self.config_path, "r") as f:
+                    d = json.loads(f.read())
             except ValueError as e:   # not JSON (a truncated or foreign file)
                 raise ValueError(f"{where} is not valid JSON ({_why(e)})") from None
             sections = ("model", "data", "train", "mesh", "checkpoint", "eval")
@@ -196,11 +200,16 @@ class RunDir:
         """Steps with a complete checkpoint, ascending ([] when none)."""
         self._require()
         d = self.checkpoints_path
-        if not os.path.isdir(d):
+        if not pth.isdir(d):
             return []
-        # orbax writes a step under a temporary name and renames it when complete
-        return sorted(int(n) for n in os.listdir(d)
-                      if n.isdigit() and os.path.isdir(os.path.join(d, n, STATE)))
+        # orbax writes a step under a temporary name and renames it when complete (on an
+        # object store: a commit_success marker file)
+        return sorted(int(n) for n in pth.listdir(d) if n.isdigit() and self._complete(pth.join(d, n)))
+
+    def _complete(self, step_dir: str) -> bool:
+        if not self.remote:
+            return os.path.isdir(os.path.join(step_dir, STATE))
+        return pth.isfile(pth.join(step_dir, "commit_success.txt"))
 
     def latest_step(self) -> int | None:
         steps = self.steps()
@@ -212,24 +221,26 @@ class RunDir:
         committed: after `manager.wait_until_finished()`); drop those of pruned steps. Returns
         the steps sealed now."""
         steps = self.steps()
-        os.makedirs(os.path.join(self.path, CHECKSUMS), exist_ok=True)
+        pth.makedirs(pth.join(self.path, CHECKSUMS))
         sealed = []
         for st in steps:
             path = self.checksum_path(st)
-            if not os.path.isfile(path):
+            if not pth.isfile(path):
                 tmp = path + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump(_file_digests(self.step_path(st)), f, indent=0, sort_keys=True)
-                os.replace(tmp, path)
+                with pth.open_(tmp, "w") as f:
+                    f.write(json.dumps(_file_digests(self.step_path(st)), indent=0,
+                                       sort_keys=True))
+                pth.replace(tmp, path)
                 sealed.append(st)
-        for name in os.listdir(os.path.join(self.path, CHECKSUMS)):
+        checksums = pth.join(self.path, CHECKSUMS)
+        for name in (pth.listdir(checksums) if pth.isdir(checksums) else []):
             stem = name.split(".")[0]
             if stem.isdigit() and int(stem) not in steps:
-                os.remove(os.path.join(self.path, CHECKSUMS, name))
+                pth.remove(pth.join(checksums, name))
         return sealed
 
     def is_sealed(self, step: int) -> bool:
-        return os.path.isfile(self.checksum_path(step))
+        return pth.isfile(self.checksum_path(step))
 
     def verify(self, step: int) -> str | None:
         """What is wrong with a complete step's files against its checksums (None: nothing, or
@@ -237,32 +248,32 @@ class RunDir:
         if not self.is_sealed(step):
             return None
         try:
-            with open(self.checksum_path(step)) as f:
-                want = json.load(f)
+            with pth.open_(self.checksum_path(step), "r") as f:
+                want = json.loads(f.read())
         except (OSError, ValueError) as e:
             return f"its checksum file cannot be read ({_why(e)})"
         root = self.step_path(step)
         for rel, (size, digest) in sorted(want.items()):
-            path = os.path.join(root, rel)
-            if not os.path.isfile(path):
+            path = pth.join(root, rel)
+            if not pth.isfile(path):
                 return f"{rel} is missing"
-            if os.path.getsize(path) != size:
-                return f"{rel} has {os.path.getsize(path)} bytes, {size} were written"
+            if pth.size(path) != size:
+                return f"{rel} has {pth.size(path)} bytes, {size} were written"
             if _sha256(path) != digest:
                 return f"{rel} does not match its sha256"
         return None
 
     def quarantine(self, step: int) -> str:
         """Move a damaged step (and its checksums) to <run>/corrupt/<step>; returns the path."""
-        dest = os.path.join(self.path, CORRUPT, str(int(step)))
+        dest = pth.join(self.path, CORRUPT, str(int(step)))
         n = 1
-        while os.path.exists(dest):
-            dest = os.path.join(self.path, CORRUPT, f"{int(step)}-{n}")
+        while pth.exists(dest):
+            dest = pth.join(self.path, CORRUPT, f"{int(step)}-{n}")
             n += 1
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        shutil.move(self.step_path(step), dest)
+        pth.makedirs(pth.dirname(dest))
+        pth.move(self.step_path(step), dest)
         if self.is_sealed(step):
-            shutil.move(self.checksum_path(step), os.path.join(dest, "checksums.json"))
+            pth.move(self.checksum_path(step), pth.join(dest, "checksums.json"))
         return dest
 
     def probe_writable(self, need_bytes: int = 0) -> None:
@@ -270,28 +281,41 @@ class RunDir:
         written and removed), or when its disk has fewer than `need_bytes` free."""
         d = self.checkpoints_path
         try:
-            os.makedirs(d, exist_ok=True)
-            probe = os.path.join(d, ".seqzoo-write-probe")
-            with open(probe, "w") as f:
+            pth.makedirs(d)
+            probe = pth.join(d, ".seqzoo-write-probe")
+            with pth.open_(probe, "w") as f:
                 f.write("probe")
-            os.remove(probe)
-        except OSError as e:
-            raise OSError(f"checkpoint directory {os.path.join(self.given, CHECKPOINTS)!r} is not "
-                          f"writable ({e.strerror or type(e).__name__})") from None
+            pth.remove(probe)
+        except Exception as e:   # OSError locally; the object store's client errors remotely
+            if not isinstance(e, OSError) and not self.remote:
+                raise
+            why = e.strerror if isinstance(e, OSError) and e.strerror else _why(e)
+            raise OSError(f"checkpoint directory {pth.join(self.given, CHECKPOINTS)!r} is not "
+                          f"writable ({why})") from None
+        if self.remote:       # an object store has no free-space figure
+            return
         free = shutil.disk_usage(d).free
         if need_bytes and free < need_bytes:
             raise OSError(f"checkpoint directory {os.path.join(self.given, CHECKPOINTS)!r} has "
                           f"{free / 2**20:.1f} MiB free; one checkpoint needs about "
                           f"{need_bytes / 2**20:.1f} MiB")
 
-    def manager(self, *, keep: int = 3, async_save: bool = True,
-                read_only: bool = False) -> ocp.CheckpointManager:
-        """The orbax CheckpointManager of checkpoints/ (created unless read_only)."""
+    def manager(self, *, keep: int = 3, async_save: bool = True, read_only: bool = False,
+                ocdbt: bool = True) -> ocp.CheckpointManager:
+        """The orbax CheckpointManager of checkpoints/ (created unless read_only). `ocdbt`:
+        the state's arrays in orbax's OCDBT store (its default) or one zarr array each
+        (checkpoint.ocdbt=False; restore reads either)."""
         import orbax.checkpoint as ocp
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
-        return ocp.CheckpointManager(self.checkpoints_path, options=options)
+        handlers = None if ocdbt else {STATE: ocp.StandardCheckpointHandler(use_ocdbt=False),
+                                       CONFIG: ocp.JsonCheckpointHandler()}
+        if handlers is not None:
+            import grain
+            handlers[DATA] = grain.checkpoint.CheckpointHandler()
+        return ocp.CheckpointManager(self.checkpoints_path, options=options,
+                                     item_handlers=handlers)
 
     def save(self, mngr: ocp.CheckpointManager, step: int, state: dict, cfg_json: dict,
              data_iter=None) -> None:
@@ -315,17 +339,16 @@ class RunDir:
         import orbax.checkpoint as ocp
 
         from train import checkpoint as ckpt
-        saved = ckpt.saved_tree_keys(os.path.join(self.step_path(step), STATE))
+        saved = ckpt.saved_tree_keys(pth.join(self.step_path(step), STATE))
         target = {k: v for k, v in target.items() if k in saved}   # older steps lack "guard"
         restored = mngr.restore(step, args=ocp.args.Composite(
             **{STATE: ocp.args.StandardRestore(target)}))
         if data_iter is not None:
-            data_dir = os.path.join(self.step_path(step), DATA)
-            own = os.path.join(data_dir,
-                               f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-            if not os.path.isfile(own):
-                own = sorted(glob.glob(os.path.join(data_dir, "process_0-of-*.json")))[0]
-            with open(own) as f:
+            data_dir = pth.join(self.step_path(step), DATA)
+            own = pth.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+            if not pth.isfile(own):
+                own = pth.glob_(pth.join(data_dir, "process_0-of-*.json"))[0]
+            with pth.open_(own, "r") as f:
                 data_iter.set_state(json.loads(f.read()))
         return restored[STATE]
 
@@ -367,7 +390,7 @@ class RunDir:
         if problem:
             raise CorruptCheckpoint(f"checkpoint step {step} of {self.given!r} is corrupt: {problem}")
         try:
-            params = ckpt.restore_params_item(os.path.join(self.step_path(step), STATE),
+            params = ckpt.restore_params_item(pth.join(self.step_path(step), STATE),
                                               nnx.to_pure_dict(state), shardings, model_name=name,
                                               where=self.step_path(step))
         except ckpt.ParamMismatch:

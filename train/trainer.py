@@ -316,7 +316,8 @@ class Trainer:
         if self.is_main:
             self.rundir.write_config(cfg_json)
         mngr = self.rundir.manager(keep=cfg.checkpoint.keep,
-                                   async_save=cfg.checkpoint.async_save)
+                                   async_save=cfg.checkpoint.async_save,
+                                   ocdbt=cfg.checkpoint.get("ocdbt", True))
         self.ckpts = faults.Checkpoints(self.rundir, mngr, is_main=self.is_main, warn=self.warn)
         writer = self.rundir.metrics_writer(enabled=self.is_main)
         old_handler = None
