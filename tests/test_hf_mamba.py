@@ -1,6 +1,7 @@
 """Mamba / Mamba2 checkpoints from the real `transformers` library reproduce its logits
 (fixtures in tests/fixtures/hf/, made by tests/fixtures/make_hf_fixtures.py; nothing in them is
 computed by seqzoo)."""
+import json
 import pathlib
 
 import jax
@@ -74,7 +75,8 @@ def test_converted_config():
 
 @pytest.mark.parametrize("name", ["mamba", "mamba2_groups"])
 def test_export_roundtrip(name, tmp_path):
-    """save_hf writes the same tensors and a config that loads back to the same logits."""
+    """save_hf writes the same tensors, config.json fields equal to the transformers-made
+    fixture's, and loads back to the same logits."""
     from zoo.mamba import save_hf
     model = zoo.hf.load(str(FIX / name))
     save_hf(model, str(tmp_path))
@@ -83,6 +85,10 @@ def test_export_roundtrip(name, tmp_path):
     assert sorted(orig) == sorted(back)
     for k in orig:
         np.testing.assert_array_equal(orig[k], back[k], err_msg=k)
+    # every config.json field written equals the transformers-made fixture's
+    written = json.loads((tmp_path / "config.json").read_text())
+    made = json.loads((FIX / name / "config.json").read_text())
+    assert {k: made.get(k, "<absent>") for k in written} == written
     exp = np.load(FIX / name / "expected.npz")
     again = zoo.hf.load(str(tmp_path))
     np.testing.assert_allclose(np.asarray(again(exp["tokens"])[0]), exp["logits"], atol=ATOL,
