@@ -27,7 +27,7 @@ from train.rundir import RunDir
 # failed with "Error reading .../ocdbt.process_0/manifest.ocdbt: Malformed StorageGeneration".
 # One zarr array per parameter needs no conditional writes. (OCDBT on real GCS is orbax's default
 # and is not exercised here.)
-OVER = {"train.steps": 9, "checkpoint.every": 3, "checkpoint.keep": 1, "checkpoint.ocdbt": False}
+OVER = {"train.steps": 6, "checkpoint.every": 3, "checkpoint.keep": 1, "checkpoint.ocdbt": False}
 RUN = "gs://bkt/run"
 
 
@@ -90,23 +90,23 @@ def test_train_kill_resume_evaluate_on_a_bucket(emulator, tmp_path, monkeypatch)
     assert RunDir(RUN).steps() == [3], paths.walk_files(RUN)
     T.train(tiny_cfg(RUN, **OVER), verbose=False)                      # resume from the bucket
     step, state, data = _state(RUN, like=ref[1])
-    assert step == ref[0] == 9 and data == ref[2]
+    assert step == ref[0] == 6 and data == ref[2]
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref[1])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     rd = RunDir(RUN)
-    assert rd.verify(9) is None and rd.is_sealed(9)
+    assert rd.verify(6) is None and rd.is_sealed(6)
     from eval.cli import main
     assert main(["--run_dir=gs://bkt/*", "--tasks=ppl", "--ppl_batches=1", "--batch_size=8",
                  "--no_progress"]) == 0
     objects = paths.walk_files(RUN)
-    for want in ("config.json", "metrics.jsonl", "checksums/9.json", "eval/results.jsonl",
-                 "eval/results.csv", "eval/plots/loss_curves.png", "checkpoints/9/state/_METADATA",
-                 "checkpoints/9/commit_success.txt"):
+    for want in ("config.json", "metrics.jsonl", "checksums/6.json", "eval/results.jsonl",
+                 "eval/results.csv", "eval/plots/loss_curves.png", "checkpoints/6/state/_METADATA",
+                 "checkpoints/6/commit_success.txt"):
         assert want in objects, (want, objects)
     assert any(o.startswith("tb/events.out.tfevents") for o in objects)
     rows = [json.loads(x) for x in paths.open_(f"{RUN}/eval/results.jsonl").read().splitlines()]
-    assert {(r["run"], r["step"], r["task"]) for r in rows} == {("run", 9, "ppl")}
+    assert {(r["run"], r["step"], r["task"]) for r in rows} == {("run", 6, "ppl")}
     with paths.open_(f"{RUN}/metrics.jsonl") as f:
         steps = [json.loads(x)["step"] for x in f.read().splitlines() if '"loss"' in x]
-    assert steps[-1] == 9 and 4 in steps                  # the resumed run's lines were added
+    assert steps[-1] == 6 and 4 in steps                  # the resumed run's lines were added
     assert os.listdir(work) == []                         # nothing was written locally

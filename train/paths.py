@@ -4,8 +4,8 @@ their own parts of a step through their gs:// support). Local paths keep the pla
 (atomic renames, free-space checks).
 
     is_remote(p)  absolute(p)  join(p, *names)  isdir  isfile  exists  listdir  makedirs
-    open_(p, mode)  size(p)  walk_files(root)  replace(src, dst)  remove(p)  move(src, dst)
-    upload(local, remote)  glob_(pattern)
+    open_(p, mode)  size(p)  walk_files(root)  file_sizes(root)  read_blocks(p, size)
+    replace(src, dst)  remove(p)  move(src, dst)  upload(local, remote)  glob_(pattern)
 
 Object stores have no directories and no appends: `makedirs` is a no-op there, `isdir` means
 "some object lies below", and writers that append (metrics.jsonl) rewrite the whole object
@@ -127,6 +127,33 @@ def walk_files(root) -> list[str]:
     for d, _, files in os.walk(root):
         out += [os.path.relpath(os.path.join(d, n), root) for n in files]
     return sorted(out)
+
+
+def file_sizes(root) -> dict[str, int]:
+    """{path relative to `root` ('/'-separated): size in bytes} of every file under it: on an
+    object store one listing request (not one metadata request per object)."""
+    if is_remote(root):
+        fs, base = _fs(root)
+        base = base.rstrip("/")
+        return {p[len(base) + 1:]: int(info["size"])
+                for p, info in fs.find(base, detail=True).items()}
+    return {rel: os.path.getsize(os.path.join(root, rel)) for rel in walk_files(root)}
+
+
+BLOCK = 64 << 20
+
+
+def read_blocks(path, size: int):
+    """The bytes of a file of known `size`, in blocks of at most 64 MiB: on an object store one
+    ranged GET per block (no metadata request first)."""
+    if is_remote(path):
+        fs, p = _fs(path)
+        for start in range(0, size, BLOCK):
+            yield fs.cat_file(p, start=start, end=min(start + BLOCK, size))
+        return
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(BLOCK), b""):
+            yield block
 
 
 def replace(src, dst) -> None:

@@ -70,18 +70,14 @@ def _why(e: BaseException) -> str:
 
 def _file_digests(root: str) -> dict:
     """{relative path: [size, sha256]} of every file under `root`."""
-    out = {}
-    for rel in pth.walk_files(root):
-        path = pth.join(root, rel)
-        out[rel] = [pth.size(path), _sha256(path)]
-    return out
+    return {rel: [size, _sha256(pth.join(root, rel), size)]
+            for rel, size in pth.file_sizes(root).items()}
 
 
-def _sha256(path: str) -> str:
+def _sha256(path: str, size: int) -> str:
     h = hashlib.sha256()
-    with pth.open_(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for block in pth.read_blocks(path, size):
+        h.update(block)
     return h.hexdigest()
 
 
@@ -253,13 +249,13 @@ class RunDir:
         except (OSError, ValueError) as e:
             return f"its checksum file cannot be read ({_why(e)})"
         root = self.step_path(step)
+        have = pth.file_sizes(root)
         for rel, (size, digest) in sorted(want.items()):
-            path = pth.join(root, rel)
-            if not pth.isfile(path):
+            if rel not in have:
                 return f"{rel} is missing"
-            if pth.size(path) != size:
-                return f"{rel} has {pth.size(path)} bytes, {size} were written"
-            if _sha256(path) != digest:
+            if have[rel] != size:
+                return f"{rel} has {have[rel]} bytes, {size} were written"
+            if _sha256(pth.join(root, rel), size) != digest:
                 return f"{rel} does not match its sha256"
         return None
 
