@@ -4,6 +4,7 @@ import zoo.gam  # noqa: F401
 import zoo.linear_memory  # noqa: F401
 import zoo.lssl  # noqa: F401
 import zoo.mamba  # noqa: F401
+import zoo.memmamba  # noqa: F401
 import zoo.miras  # noqa: F401
 import zoo.mom  # noqa: F401
 import zoo.rat  # noqa: F401

@@ -108,20 +108,28 @@ class CausalLM(nnx.Module):
         out = self.embed.attend(h) if self.head is None else self.head(h)
         return out.astype(jnp.float32)
 
-    def run_blocks(self, h, states, *, mask, segment_ids, key):
+    def call_block(self, i: int, h, state, *, mask, segment_ids, key, context=None):
+        """Block i on h (under the model's remat policy): (h, new state, aux)."""
+        blk = self.blocks[i]
+        if self.remat == "none":
+            return blk(h, state, mask=mask, segment_ids=segment_ids, context=context,
+                       key=fold(key, 100 + i))
+        # nnx.remat takes positional arguments only
+        call = nnx.remat(lambda b, x, st, m, sid, ctx, k: b(x, st, mask=m, segment_ids=sid,
+                                                             context=ctx, key=k),
+                         policy=remat_policy(self.remat))
+        return call(blk, h, state, mask, segment_ids, context, fold(key, 100 + i))
+
+    def run_blocks(self, h, states, *, mask, segment_ids, key, hiddens: list | None = None):
+        """The block stack; `hiddens`, when given, receives the residual stream after each block
+        (analysis: eval.fidelity)."""
         auxes, new_states = [], []
-        for i, blk in enumerate(self.blocks):
-            call = blk
-            if self.remat != "none":
-                # nnx.remat takes positional arguments only
-                call = nnx.remat(lambda b, x, st, m, sid, k: b(x, st, mask=m, segment_ids=sid, key=k),
-                                 policy=remat_policy(self.remat))
-                h, s, a = call(blk, h, states[i], mask, segment_ids, fold(key, 100 + i))
-            else:
-                h, s, a = blk(h, states[i], mask=mask, segment_ids=segment_ids,
-                              key=fold(key, 100 + i))
+        for i in range(len(self.blocks)):
+            h, s, a = self.call_block(i, h, states[i], mask=mask, segment_ids=segment_ids, key=key)
             new_states.append(s)
             auxes.append(a)
+            if hiddens is not None:
+                hiddens.append(h)
         return h, tuple(new_states), sum_aux(auxes)
 
     def __call__(self, tokens: Array, state=None, *, mask=None, segment_ids=None, key=None):
@@ -145,12 +153,15 @@ def build_lm(blocks: Sequence[nnx.Module] | Callable[[], Sequence[nnx.Module]], 
              init: str = "normal", init_std: float = 0.02, learned_positions: int | None = None,
              positions_std: float | None = None, embed_dropout: float = 0.0,
              compute_dtype: str = "float32", remat: str = "none",
-             aux_terms: Callable[[Mapping[str, Array]], dict[str, Array]] | None = None) -> CausalLM:
+             aux_terms: Callable[[Mapping[str, Array]], dict[str, Array]] | None = None,
+             lm_cls: type | None = None, **lm_kw) -> CausalLM:
     """The one causal-LM assembly: token embedding N(0, init_std) (init "torch": the
     U(+-1/sqrt(D)) of PyTorch's Linear), optional learned positions (`learned_positions` = their
     table length, the hard length limit), `blocks`, `final_norm`, and the head: tied to the
     embedding, or an untied Dense [D, V]. `blocks` may be a callable, called after the
-    embedding and positions are drawn (the Transformer's parameter order)."""
+    embedding and positions are drawn (the Transformer's parameter order). `lm_cls` (a subclass
+    of CausalLM, with its own keyword arguments `lm_kw`) is for stacks whose layers interact
+    across depth (MemMamba's cross-layer reads)."""
     embed = Embed(vocab_size, dim, rngs=rngs, init="normal" if init == "normal" else "torch_linear",
                   std=init_std)
     positions = None
@@ -160,9 +171,10 @@ def build_lm(blocks: Sequence[nnx.Module] | Callable[[], Sequence[nnx.Module]], 
     head = None if tie_embeddings else Dense(dim, vocab_size, rngs=rngs, axes=("embed", "vocab"),
                                              init=init, std=init_std)
     blocks = list(blocks() if callable(blocks) else blocks)
-    return CausalLM(embed=embed, blocks=blocks, final_norm=final_norm, head=head,
-                    positions=positions, embed_dropout=embed_dropout, max_len=learned_positions,
-                    compute_dtype=compute_dtype, remat=remat, aux_terms=aux_terms)
+    return (lm_cls or CausalLM)(embed=embed, blocks=blocks, final_norm=final_norm, head=head,
+                                positions=positions, embed_dropout=embed_dropout,
+                                max_len=learned_positions, compute_dtype=compute_dtype,
+                                remat=remat, aux_terms=aux_terms, **lm_kw)
 
 
 def swiglu_block(mixer: nnx.Module, *, dim: int, ffn_dim: int, norm_eps: float, init_std: float,
