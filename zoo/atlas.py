@@ -1,5 +1,4 @@
-"""ATLAS family (specs/atlas.md): Atlas and OmegaNet on the shared neural-memory layer, and the
-attention-like DeepTransformer / SWDT through the kernel form of the exponential feature map.
+"""ATLAS family (specs/atlas.md): Atlas and OmegaNet on the shared neural-memory layer.
 
 * "atlas":     Omega rule (window c, paper-literal gates γ) + momentum + Newton–Schulz (Muon),
                learning rate outside the momentum (Eqs. 32–33), polynomial features, MLP memory.
@@ -14,17 +13,7 @@ attention-like DeepTransformer / SWDT through the kernel form of the exponential
   in (ATLAS letters: α retention, η learning rate, θ momentum, γ window gates; the learnable
   polynomial map; the Newton–Schulz transform; the keep-gate option). The chunk b and window c
   are part of the model (atlas.md §7 contract notes).
-* "deep_transformer" / "swdt": DeepTransformer with a linear memory on φ* in its normalised form
-  (atlas.md §2.7, §8.10): causal softmax attention whose keys carry the write rate η_i, i.e.
-  weights η_i·exp(s q_t·k_i) / Σ_j η_j·exp(s q_t·k_j); η ≡ 1 is softmax attention exactly. SWDT
-  keeps the last c tokens: the shared sliding-window op with W = c − 1. They decode through the
-  shared KV cache (the rate enters as one extra key channel, log η_i, met by a constant query
-  channel 1/s). The deep (multi-layer φ*) variants are not built: the paper gives no exact
-  construction for deep φ* memories.
-* "dot":       Dot, the Deep Omega Transformer (Eq. 27) at c = 1 on a linear memory over φ*: the
-               kernelised delta rule of Eqs. 30–31 (`layers.dot.DotMixer`, op
-               `pallas_kernels.kernel_delta`), unnormalised as Eq. 27 defines it; its window
-               c > 1 token loop stays a test reference (`tests/memory_reference.py`).
+The attention-like DeepTransformer / SWDT / Dot (atlas.md §2.7) are in zoo/deep_transformer.py.
 
 Choices: ATLAS gates are per-head scalars from linear maps of x_t; polynomial degree p with
 exact symmetric features on the ℓ2-normalised per-head q, k (no down-projection); the degree-1
@@ -45,8 +34,6 @@ from flax import nnx
 
 from layers.atlas import AtlasMemory
 from layers.common import check_block, check_impl, check_rope_head_dim
-from layers.deep_transformer import DeepTransformerMixer, deep_transformer_mixer_flops
-from layers.dot import DotMixer, dot_mixer_flops
 from layers.memory import MEMORIES, NeuralMemoryConfig
 from layers.memory_counts import XLA_FLOPS_RANGE, XLA_FLOPS_RANGE_ONLINE_GD
 from layers.mlp import llama_ffn_dim
@@ -401,183 +388,3 @@ for _kind, _cls, _layers in (("mag", AtlasMAGConfig, 1), ("mal", AtlasMALConfig,
                  config=_cls(**{**_HYBRID, "n_layers": _layers}), length=13, cuts=(1, 3, 5, 12),
                  reference={"impl": "reference"}, fast=({"impl": "chunked"},),
                  atol=5e-5, rtol=5e-5))(_hybrid_builder(_kind))
-
-
-# ----------------------------------------------------------------------------- DeepTransformer / SWDT
-
-
-@dataclass(frozen=True)
-class DeepTransformerConfig:
-    """DeepTransformer (window None) / SWDT (window c: the last c tokens, W = c − 1) with a linear
-    memory on φ*, normalised (atlas.md §2.7, §8.10), α ≡ 1. rate_gate: the write rate
-    η_i = sigmoid(x_i w_η + b_η) per head (False: η ≡ 1, exactly softmax attention with RoPE).
-    Llama-style blocks; kernel scale s = 1/sqrt(d) on the RoPE'd q, k. The mixer is
-    `layers.deep_transformer.DeepTransformerMixer`; impl / block: the attention op's."""
-    vocab_size: int = 256
-    dim: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    window: int | None = None
-    rate_gate: bool = True
-    rate_bias: float = 2.0
-    rope_base: float = 10000.0
-    max_len: int = 2048             # KV-cache length
-    ffn_dim: int | None = None
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
-    tie_embeddings: bool = True
-    impl: str = "auto"              # op attention
-    block: int = 128                # attention key block (never changes the function)
-
-    def validate(self):
-        check_impl(self.impl, ("attention",))
-        check_block(self.block)
-        if self.dim % self.n_heads:
-            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
-        if self.window is not None and self.window < 1:
-            raise ValueError(f"model.window={self.window} must be >= 1 (tokens kept, c)")
-        check_rope_head_dim(self.dim // self.n_heads,
-                            f"model.dim={self.dim} / model.n_heads={self.n_heads}")
-
-    @property
-    def hd(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def d_ff(self) -> int:
-        return self.ffn_dim or llama_ffn_dim(self.dim, 256 if self.dim >= 512 else 64)
-
-
-def deep_transformer_param_count(cfg: DeepTransformerConfig) -> int:
-    D, Hd = cfg.dim, cfg.n_heads * cfg.hd
-    mixer = 4 * D * Hd + ((D + 1) * cfg.n_heads if cfg.rate_gate else 0)
-    block = swiglu_block_count(mixer, dim=D, ffn_dim=cfg.d_ff)
-    return lm_param_count([block] * cfg.n_layers, vocab_size=cfg.vocab_size, dim=D,
-                          tie_embeddings=cfg.tie_embeddings)
-
-
-def deep_transformer_flops(cfg: DeepTransformerConfig, seq_len: int) -> float:
-    """Training FLOPs per token (`zoo.lm`'s convention): 3 x (n_layers x [8 D H d + 2 D H (rate
-    gate) + 4 H keys (d + 1) + 6 D F] + 2 D V) (`deep_transformer_mixer_flops` in a
-    `swiglu_block`), keys = seq_len (DeepTransformer) or the c = window tokens kept (SWDT:
-    window W = c − 1, W + 1 keys; the reference op computes every key and masks them)."""
-    keys = causal_keys(seq_len, None if cfg.window is None else cfg.window - 1)
-    mixer = deep_transformer_mixer_flops(cfg.dim, cfg.n_heads, keys, cfg.rate_gate)
-    block = swiglu_block_flops(mixer, dim=cfg.dim, ffn_dim=cfg.d_ff)
-    return lm_flops([block] * cfg.n_layers, vocab_size=cfg.vocab_size, dim=cfg.dim)
-
-
-def build_deep_transformer_lm(cfg: DeepTransformerConfig, rngs: nnx.Rngs) -> CausalLM:
-    """[DeepTransformerMixer, SwiGLU] blocks (`zoo.lm.swiglu_block`) in the shared LM scaffold."""
-    cfg.validate()
-    mixer = lambda: DeepTransformerMixer(cfg.dim, cfg.n_heads, rngs=rngs, window=cfg.window,
-                                         rate_gate=cfg.rate_gate, rate_bias=cfg.rate_bias,
-                                         rope_base=cfg.rope_base, max_len=cfg.max_len,
-                                         init_std=cfg.init_std, impl=cfg.impl, block=cfg.block)
-    blocks = [swiglu_block(mixer(), dim=cfg.dim, ffn_dim=cfg.d_ff, norm_eps=cfg.norm_eps,
-                           init_std=cfg.init_std, rngs=rngs) for _ in range(cfg.n_layers)]
-    return build_lm(blocks, vocab_size=cfg.vocab_size, dim=cfg.dim,
-                    final_norm=RMSNorm(cfg.dim, eps=cfg.norm_eps), rngs=rngs,
-                    tie_embeddings=cfg.tie_embeddings, init_std=cfg.init_std)
-
-
-_TINY_DT = dict(vocab_size=37, dim=16, n_layers=2, n_heads=2, max_len=64, init_std=0.1,
-                rate_bias=0.0)
-
-
-@register("deep_transformer", config=DeepTransformerConfig, param_count=deep_transformer_param_count,
-          flops=deep_transformer_flops,
-          conformance=ConformanceSpec(
-              config=DeepTransformerConfig(**_TINY_DT), length=13, cuts=(1, 6, 7, 12),
-              reference={"impl": "reference"}, fast=({"impl": "chunked", "block": 4},)))
-def build_deep_transformer(cfg: DeepTransformerConfig, rngs: nnx.Rngs) -> CausalLM:
-    return build_deep_transformer_lm(cfg, rngs)
-
-
-@dataclass(frozen=True)
-class SWDTConfig(DeepTransformerConfig):
-    """SWDT: DeepTransformer over the last c tokens (window c, attention op W = c − 1)."""
-    window: int | None = 512
-
-
-@register("swdt", config=SWDTConfig, param_count=deep_transformer_param_count,
-          flops=deep_transformer_flops,
-          conformance=ConformanceSpec(
-              config=SWDTConfig(**_TINY_DT, window=4), length=13, cuts=(1, 6, 7, 12),
-              reference={"impl": "reference"}, fast=({"impl": "chunked", "block": 4},)))
-def build_swdt(cfg: SWDTConfig, rngs: nnx.Rngs) -> CausalLM:
-    if cfg.window is None:
-        raise ValueError("model.window=None is the full DeepTransformer; use 'deep_transformer'")
-    return build_deep_transformer_lm(cfg, rngs)
-
-
-# ----------------------------------------------------------------------------- Dot
-
-
-@dataclass(frozen=True)
-class DotConfig:
-    """Dot, the Deep Omega Transformer (atlas.md §2.7, Eq. 27; Eqs. 30–31 in closed form): the
-    kernelised delta rule on φ* with c = 1, M_0 = 0, α ≡ 1 (`layers.dot.DotMixer`, whose
-    docstring states the choices: RoPE then ℓ2-normalised q, k, kernel scale s, write rate
-    η = sigmoid per head) in Llama-style blocks. impl: the kernel_delta op's."""
-    vocab_size: int = 256
-    dim: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    rate_bias: float = 0.0
-    kernel_scale: float = 0.5       # s of κ(a, b) = exp(s a·b)
-    rope_base: float = 10000.0
-    max_len: int = 2048             # KV-cache length
-    ffn_dim: int | None = None
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
-    tie_embeddings: bool = True
-    impl: str = "auto"              # op kernel_delta
-
-    def validate(self):
-        check_impl(self.impl, ("kernel_delta",))
-        if self.dim % self.n_heads:
-            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
-        check_rope_head_dim(self.dim // self.n_heads,
-                            f"model.dim={self.dim} / model.n_heads={self.n_heads}")
-        if not 0 < self.kernel_scale <= 0.69:
-            raise ValueError(f"model.kernel_scale={self.kernel_scale} must be in (0, 0.69]: a "
-                             "write is contractive only while η·exp(s) <= 2 (η <= 1)")
-
-    @property
-    def d_ff(self) -> int:
-        return self.ffn_dim or llama_ffn_dim(self.dim, 256 if self.dim >= 512 else 64)
-
-
-def dot_param_count(cfg: DotConfig) -> int:
-    D = cfg.dim
-    block = swiglu_block_count(4 * D * D + (D + 1) * cfg.n_heads, dim=D, ffn_dim=cfg.d_ff)
-    return lm_param_count([block] * cfg.n_layers, vocab_size=cfg.vocab_size, dim=D,
-                          tie_embeddings=cfg.tie_embeddings)
-
-
-def dot_flops(cfg: DotConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 3 x (n_layers x [`dot_mixer_flops` over the seq_len keys the
-    forms compute (masked to the causal triangle) + 6 D F] + 2 D V)."""
-    mixer = dot_mixer_flops(cfg.dim, cfg.n_heads, causal_keys(seq_len))
-    block = swiglu_block_flops(mixer, dim=cfg.dim, ffn_dim=cfg.d_ff)
-    return lm_flops([block] * cfg.n_layers, vocab_size=cfg.vocab_size, dim=cfg.dim)
-
-
-@register("dot", config=DotConfig, param_count=dot_param_count, flops=dot_flops,
-          conformance=ConformanceSpec(
-              config=DotConfig(vocab_size=37, dim=16, n_layers=2, n_heads=2, max_len=64,
-                               init_std=0.1), length=13, cuts=(1, 6, 7, 12),
-              reference={"impl": "reference"}, fast=({"impl": "chunked"},)))
-def build_dot(cfg: DotConfig, rngs: nnx.Rngs) -> CausalLM:
-    """Dot (Eq. 27, c = 1): [DotMixer, SwiGLU] blocks in the shared LM scaffold."""
-    cfg.validate()
-    mixer = lambda: DotMixer(cfg.dim, cfg.n_heads, rngs=rngs, rate_bias=cfg.rate_bias,  # noqa: E731
-                             scale=cfg.kernel_scale, rope_base=cfg.rope_base,
-                             max_len=cfg.max_len, norm_eps=cfg.norm_eps, init_std=cfg.init_std,
-                             impl=cfg.impl)
-    blocks = [swiglu_block(mixer(), dim=cfg.dim, ffn_dim=cfg.d_ff, norm_eps=cfg.norm_eps,
-                           init_std=cfg.init_std, rngs=rngs) for _ in range(cfg.n_layers)]
-    return build_lm(blocks, vocab_size=cfg.vocab_size, dim=cfg.dim,
-                    final_norm=RMSNorm(cfg.dim, eps=cfg.norm_eps), rngs=rngs,
-                    tie_embeddings=cfg.tie_embeddings, init_std=cfg.init_std)

@@ -1,5 +1,6 @@
 """Imports every family module so that their `@register` calls run. Add one line per family."""
 import zoo.atlas  # noqa: F401
+import zoo.deep_transformer  # noqa: F401
 import zoo.gam  # noqa: F401
 import zoo.linear_memory  # noqa: F401
 import zoo.lssl  # noqa: F401
