@@ -129,6 +129,13 @@ def _mixers(model):
     return [blk.mixer for blk in model.blocks]
 
 
+@nnx.jit
+def _call(mod, x, state=None, segment_ids=None):
+    """A mixer's (or memory's) call, compiled once per shape (eager calls of the scanned memory
+    cost 40-55 s of CI per test)."""
+    return mod(x, state, segment_ids=segment_ids)
+
+
 def test_lmm_is_the_memory_on_persistent_tokens_and_zero_is_the_ablation():
     """titans_lmm is Table 5's base row: every block's memory reads [P; x] (titans.md §3.3), i.e.
     its outputs on x are the bare memory's outputs on the concatenation at the x positions (the
@@ -143,8 +150,8 @@ def test_lmm_is_the_memory_on_persistent_tokens_and_zero_is_the_ablation():
     x = jax.random.normal(jax.random.key(1), (2, 9, cfg.dim))
     for m in mixers:
         P = jnp.broadcast_to(m.persistent[...], (2, 3, cfg.dim))
-        want = m.memory(jnp.concatenate([P, x], axis=1), m.memory.init_state(2))[0][:, 3:]
-        np.testing.assert_allclose(m(x)[0], want, rtol=1e-5, atol=1e-6)
+        want = _call(m.memory, jnp.concatenate([P, x], axis=1), m.memory.init_state(2))[0][:, 3:]
+        np.testing.assert_allclose(_call(m, x)[0], want, rtol=1e-5, atol=1e-6)
     cfg0, bare = _titans_model("titans_lmm", n_persistent=0)
     assert all(isinstance(m, NeuralMemory) for m in _mixers(bare))
     count = lambda mod: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(mod, nnx.Param)))  # noqa: E731
@@ -173,7 +180,7 @@ def test_mal_literal_is_window_attention_over_the_memory_outputs():
     Bx, Tx = 2, 11
     x = jax.random.normal(jax.random.key(2), (Bx, Tx, cfg.dim))
     P = jnp.broadcast_to(m.mem.persistent[...], (Bx, Np, cfg.dim))
-    y = m.mem.memory(jnp.concatenate([P, x], axis=1), m.mem.memory.init_state(Bx))[0]
+    y = _call(m.mem.memory, jnp.concatenate([P, x], axis=1), m.mem.memory.init_state(Bx))[0]
     y_p, y_x = y[:, :Np], y[:, Np:]
     at = m.attn
     heads = lambda a: np.asarray(a, np.float64).reshape(Bx, -1, A, dh)  # noqa: E731
@@ -190,14 +197,14 @@ def test_mal_literal_is_window_attention_over_the_memory_outputs():
     p = np.exp(s - s.max(-1, keepdims=True))
     o = np.einsum("bhij,bjhd->bihd", p / p.sum(-1, keepdims=True), v).reshape(Bx, Tx, -1)
     want = np.asarray(o, np.float32) @ np.asarray(at.wo.weight[...])
-    got, _, _ = m(x)
+    got, _, _ = _call(m, x)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
     # prefill 5 (mid-chunk: chunk 4 after N_p = 3) + continue
-    y1, st, _ = m(x[:, :5])
-    y2, _, _ = m(x[:, 5:], st)
+    y1, st, _ = _call(m, x[:, :5])
+    y2, _, _ = _call(m, x[:, 5:], st)
     np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), got, rtol=1e-5, atol=1e-6)
     # a packed document start at 6: the second document is a fresh call on it
     seg = jnp.broadcast_to((jnp.arange(Tx) >= 6).astype(jnp.int32), (Bx, Tx))
-    packed, _, _ = m(x, segment_ids=seg)
-    np.testing.assert_allclose(packed[:, 6:], m(x[:, 6:])[0], rtol=1e-5, atol=1e-6)
+    packed, _, _ = _call(m, x, None, seg)
+    np.testing.assert_allclose(packed[:, 6:], _call(m, x[:, 6:])[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(packed[:, :6], got[:, :6], rtol=1e-5, atol=1e-6)
