@@ -21,6 +21,9 @@ and `switch_loss` / `z_loss` form the terms from the summed statistics:
 
     L_aux = M sum_j sum_m (choice_count[j, m] / rows) (prob_sum[m] / rows)   (= k when balanced)
     L_z   = z_sum / rows
+
+and, for Hydra's balance term (specs/hydra.md §2.4), `usage_stats` / `usage_loss`:
+<prefix>/gate_sum [M], L_bal = M sum_m u_m^2 - 1 with u = gate_sum / sum(gate_sum).
 """
 from __future__ import annotations
 
@@ -96,6 +99,20 @@ def switch_loss(stats: Mapping[str, Array], *, prefix: str) -> Array:
 def z_loss(stats: Mapping[str, Array], *, prefix: str) -> Array:
     """The router z statistic's mean, mean_rows logsumexp(logits)^2."""
     return stats[f"{prefix}/z_sum"] / jnp.maximum(stats[f"{prefix}/rows"], 1.0)
+
+
+def usage_stats(r: Routing, *, prefix: str) -> dict[str, Array]:
+    """<prefix>/gate_sum [M]: the sum over real rows of each expert's gate (specs/hydra.md §2.4's
+    usage u_e = gate_sum_e / Σ gate_sum; masked rows have zero gates)."""
+    return {f"{prefix}/gate_sum": jnp.sum(dense_gates(r), axis=(0, 1))}
+
+
+def usage_loss(stats: Mapping[str, Array], *, prefix: str) -> Array:
+    """Hydra's load balance, E Σ_e u_e² − 1 (0 at uniform usage, E − 1 when one expert takes
+    every weight), from summed `usage_stats`."""
+    g = stats[f"{prefix}/gate_sum"]
+    u = g / jnp.maximum(jnp.sum(g), 1e-30)
+    return g.shape[-1] * jnp.sum(u * u) - 1.0
 
 
 def router_flops(dim: int, n_experts: int) -> float:

@@ -29,6 +29,7 @@ RULES: dict[str, str | None] = {
     "state": None,
     "norm": None,
     "layers": None,
+    "expert": "fsdp",      # a mixture's experts (layers/moe.py) split over the fsdp axis
 }
 
 BATCH_AXES = ("data", "fsdp")

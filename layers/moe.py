@@ -1,0 +1,100 @@
+"""A dropless top-k mixture of SwiGLU experts on the shared token router (layers/router.py):
+the reusable MoE feed-forward (specs/hydra.md §2.4 uses it with chunk-level routing; any family
+can use it per token).
+
+    r_t      = route(x_t W_r / temperature)          top-k of the softmax, renormalised gates
+    MoE(x)_t = Σ_{e ∈ top-k(t)} g_{t,e} · SwiGLU_e(x_t),   SwiGLU_e(x) = (SiLU(x W1_e) ⊙ x W3_e) W2_e
+
+`route_from` (default: x itself) is what the router reads: Hydra routes every token of a chunk
+by the previous chunk's mean (its own causal routing features), token-level MoE by the token.
+
+Dispatch (no expert runs on a token it was not routed to): every (token, choice) copy goes to its
+expert's segment of a per-row layout (layers/mom_layout.py, the reordering MoM uses: expert
+segments right-padded to a multiple of `block`, laid end to end), each block of `block` slots is
+computed by its one expert, and the outputs are gathered back and weighted. The work is
+~ (k T + E block) slots per row, growing with k, not with E (the dense form would be E T). A
+block gathers its expert's weights ([B, n, D, H] for n blocks): memory, not FLOPs; a grouped
+matmul kernel (ragged_dot / megablox) is the accelerator fast path. Every token is kept
+(dropless): a capacity factor would make a token's output depend on the other tokens of its
+dispatch group.
+
+Weights carry the logical axis "expert" (train.sharding.RULES: over the mesh's fsdp axis), so
+experts shard over the mesh. Statistics for the auxiliary losses go out through `aux` as sums
+(router.switch_stats; router.usage_stats for Hydra's E Σ u_e² − 1; the z statistic).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.common import normal, param
+from layers.mom_layout import gather_copies, gather_slots, make_layout, n_chunks
+from layers.router import Routing, route, switch_stats, usage_stats
+
+Array = jax.Array
+
+
+def moe_slots(T: int, k: int, n_experts: int, block: int) -> int:
+    """Layout slots per row (the work the experts do): n_chunks x block."""
+    return n_chunks(T, k, n_experts, block) * block
+
+
+def moe_flops(dim: int, hidden: int, n_experts: int, k: int, T: int, block: int) -> float:
+    """Forward FLOPs per token: the router [D, E] and the three SwiGLU products [D, H] over the
+    layout's slots (`moe_slots` / T per token: k and the pad slots of the expert blocks); the
+    gating, SiLU and the weighted sum are elementwise."""
+    return 2.0 * dim * n_experts + moe_slots(T, k, n_experts, block) / T * 3 * 2.0 * dim * hidden
+
+
+class MoE(nnx.Module):
+    """Dropless top-k mixture of `n_experts` SwiGLU experts of width `hidden` (module doc).
+    router_std: the router's N(0, std) init (0.02: near-uniform routing at start, hydra.md §5);
+    out_scale: the output projections' std multiplier (1/sqrt(2 n_blocks) in Hydra)."""
+
+    def __init__(self, dim: int, hidden: int, n_experts: int, k: int, *, rngs: nnx.Rngs,
+                 temperature: float = 1.0, router_std: float = 0.02, init_std: float = 0.02,
+                 out_scale: float = 1.0, block: int = 16, prefix: str = "moe",
+                 z_stat: bool = False):
+        if not 1 <= k <= n_experts:
+            raise ValueError(f"top-k {k} must be in [1, {n_experts}]")
+        self.n_experts, self.k, self.temperature = n_experts, k, temperature
+        self.block, self.prefix, self.z_stat = block, prefix, z_stat
+        self.router = param(normal(rngs.params(), (dim, n_experts), router_std), ("embed", None))
+        E = n_experts
+        self.w1 = param(normal(rngs.params(), (E, dim, hidden), init_std), ("expert", "embed", "mlp"))
+        self.w3 = param(normal(rngs.params(), (E, dim, hidden), init_std), ("expert", "embed", "mlp"))
+        self.w2 = param(normal(rngs.params(), (E, hidden, dim), init_std * out_scale),
+                        ("expert", "mlp", "embed"))
+
+    def routing(self, route_from: Array, mask: Array | None = None) -> Routing:
+        logits = jnp.einsum("btd,de->bte", route_from.astype(jnp.float32),
+                            self.router[...].astype(jnp.float32)) / self.temperature
+        return route(logits, self.k, mask)
+
+    def experts(self, x: Array, r: Routing, mask: Array | None = None) -> Array:
+        """Σ_e g_{t,e} SwiGLU_e(x_t) under the routing `r`, by the block layout (module doc)."""
+        B, T, D = x.shape
+        E, C = self.n_experts, self.block
+        real = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
+        valid = jnp.broadcast_to(real[..., None], r.index.shape)
+        lay = make_layout(r.index, valid, jnp.zeros((B, T), jnp.int32), n_mem=E, chunk=C)
+        n = lay.chunk_mem.shape[1]
+        xs = gather_slots(x, lay.token).reshape(B, n, C, D)
+        # trailing all-pad blocks carry expert id E: a zero expert
+        pick = lambda w: jnp.take(jnp.concatenate([w, jnp.zeros_like(w[:1])]), lay.chunk_mem,  # noqa: E731
+                                  axis=0)
+        w1, w3, w2 = (pick(w[...].astype(x.dtype)) for w in (self.w1, self.w3, self.w2))
+        h = jax.nn.silu(jnp.einsum("bncd,bndh->bnch", xs, w1)) * jnp.einsum("bncd,bndh->bnch", xs, w3)
+        o = jnp.einsum("bnch,bnhd->bncd", h, w2)
+        o = o.reshape(B, n * C, D)                                   # the layout's slots
+        out = gather_copies(o, lay.copy_pos)                         # [B, T, k, D]
+        return jnp.einsum("btkd,btk->btd", out, r.gates.astype(out.dtype))
+
+    def __call__(self, x: Array, *, mask: Array | None = None, route_from: Array | None = None,
+                 key=None) -> tuple[Array, dict[str, Array]]:
+        """(MoE(x) [B, T, D], aux statistics)."""
+        r = self.routing(x if route_from is None else route_from, mask)
+        aux = {**switch_stats(r, mask, prefix=self.prefix, z_stat=self.z_stat),
+               **usage_stats(r, prefix=self.prefix)}
+        return self.experts(x, r, mask), aux
