@@ -38,7 +38,8 @@ def _dense(moe, x, r):
 
 @nnx.jit
 def _run(moe, x, mask=None):
-    return moe(x, mask=mask)
+    y, _, aux = moe(x, mask=mask)
+    return y, aux
 
 
 def test_block_dispatch_equals_the_dense_definition_with_pads():
@@ -132,3 +133,68 @@ def test_balance_statistics():
     gd, st = nnx.split(moe)
     g = jax.grad(lambda st: jnp.sum(nnx.merge(gd, st)(_x())[0] ** 2))(st)
     assert float(jnp.sum(jnp.abs(g["router"][...]))) > 0
+
+
+def _chunk_moe(C=4):
+    return MoE(D, H, 4, 2, rngs=nnx.Rngs(params=0), chunk=C, router_std=1.0, init_std=0.3,
+               block=4)
+
+
+def test_chunk_routing_uses_the_previous_chunk_mean():
+    """§2.4 [spec]: every token of chunk c is routed by the mean of chunk c - 1 (chunk 0 by the
+    learned m_{-1}), written out here; so a token's output ignores every later input."""
+    from layers.moe import ChunkRouteState, chunk_route_features
+    moe = _chunk_moe()
+    x = _x(T=14)
+    C = 4
+    st0 = moe.init_state(2)
+    pos = jnp.broadcast_to(jnp.arange(14), (2, 14))
+    feats, _ = chunk_route_features(x, jnp.ones((2, 14), bool), pos, jnp.full((2,), 14), st0,
+                                    moe.m_init[...], C)
+    for t in range(14):
+        c = t // C
+        want = moe.m_init[...] if c == 0 else jnp.mean(x[:, (c - 1) * C:c * C], axis=1)
+        np.testing.assert_allclose(feats[:, t], jnp.broadcast_to(want, (2, D)), atol=1e-6)
+    assert isinstance(st0, ChunkRouteState)
+    f = nnx.jit(lambda m, x: m(x)[0])
+    y = f(moe, x)
+    for t0 in (3, 4, 9):
+        x2 = x.at[:, t0:].add(1.0)
+        np.testing.assert_array_equal(np.asarray(f(moe, x2)[:, :t0]), np.asarray(y[:, :t0]))
+
+
+def test_chunk_routing_prefill_continue_decode_and_document_starts():
+    """Contract notes "Chunk-MoE decode": prefill cut inside a chunk, at a chunk edge and on a
+    partial last chunk, then continue; token-by-token decode; the state after the full call
+    equals the decoded one; a packed document start restarts the grid (== a fresh call)."""
+    moe = _chunk_moe()
+    gd, st = nnx.split(moe)
+    x = _x(T=14)
+    T = 14
+
+    @jax.jit
+    def run(st, x):
+        m = nnx.merge(gd, st)
+        full, s_full, _ = m(x)
+        outs = []
+        for cut in (3, 4, 6):
+            a, s, _ = m(x[:, :cut])
+            b, _, _ = m(x[:, cut:], s)
+            outs.append(jnp.concatenate([a, b], 1))
+
+        def step(s, xt):
+            y, s, _ = nnx.merge(gd, st)(xt[:, None], s)
+            return s, y[:, 0]
+        s_dec, ys = jax.lax.scan(step, m.init_state(2), jnp.moveaxis(x, 1, 0))
+        seg = jnp.broadcast_to((jnp.arange(T) >= 6).astype(jnp.int32), (2, T))
+        packed = m(x, segment_ids=seg)[0]
+        alone = m(x[:, 6:])[0]
+        return full, s_full, outs, jnp.moveaxis(ys, 0, 1), s_dec, packed, alone
+
+    full, s_full, outs, dec, s_dec, packed, alone = run(st, x)
+    for o in outs:
+        assert_close(o, full, atol=1e-5, rtol=1e-5, what="prefill + continue")
+    assert_close(dec, full, atol=1e-5, rtol=1e-5, what="decode")
+    assert_close(s_dec, s_full, atol=1e-5, rtol=1e-5, what="state")
+    assert_close(packed[:, 6:], alone, atol=1e-5, rtol=1e-5, what="second document")
+    assert float(jnp.max(jnp.abs(packed[:, 8:] - full[:, 8:]))) > 1e-4   # the reset matters
