@@ -8,8 +8,9 @@ channel, read before the update.
 
 Mamba's selective scan with N = 1, A = −λ, Δ = softplus(Δ_t), the input B_t U_t not Δ-scaled
 and the read-out before the update (§7.2; tests/test_hydra_ssm.py checks it against the
-selective_scan op). The parallel form is an associative scan over (α_t, B_t U_t) pairs in
-float32 (products of α in (0, 1): no exp of cumulative sums); the state is s [B, d] float32.
+selective_scan op). The scan is the `diag_scan` op (pallas_kernels/diag_scan: a token loop
+as reference, associative scans within chunks of `block` as the chunked form); the state is
+s [B, d] float32.
 λ_d is drawn log-uniformly in [1e-3, 1] (half-lives ≈ 1–1000 tokens) and stored through its
 inverse softplus (§5 [spec]). Pads: α = 1, no input (the state after the last real token is
 returned); a document start zeroes the state the token reads.
@@ -25,6 +26,7 @@ from flax import nnx, struct
 from layers.common import call_flags, param
 from layers.linear import Dense
 from layers.ssm import inv_softplus
+from pallas_kernels.diag_scan import diag_scan
 
 Array = jax.Array
 
@@ -35,28 +37,12 @@ class HydraSSMState:
     pos: Array   # [B] int32
 
 
-def diag_scan(alpha: Array, inp: Array, s0: Array, reset: Array) -> tuple[Array, Array]:
-    """s_t (the state each token reads) and the final state of s_{t+1} = α_t s_t + inp_t with
-    s_0 = s0, where reset_t zeroes the state token t reads. alpha, inp [B, T, d]; s0 [B, d];
-    reset [B, T] bool."""
-    keep = 1.0 - reset[..., None].astype(alpha.dtype)
-    a = alpha * keep
-    b = inp.at[:, 0].add(a[:, 0] * s0)             # the carried state enters at t = 0
-
-    def comb(left, right):
-        return left[0] * right[0], right[0] * left[1] + right[1]
-
-    _, h = jax.lax.associative_scan(comb, (a, b), axis=1)   # h_t: the state after token t
-    prev = jnp.concatenate([s0[:, None], h[:, :-1]], axis=1)
-    return prev * keep, h[:, -1]
-
-
 class HydraSSM(nnx.Module):
     """The SSM path of a Hydra block (module doc); the mixer contract with state HydraSSMState."""
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs, lam_min: float = 1e-3, lam_max: float = 1.0,
-                 init_std: float = 0.02):
-        self.dim = dim
+                 init_std: float = 0.02, impl: str = "auto", block: int = 64):
+        self.dim, self.impl, self.block = dim, impl, block
         self.w_param = Dense(dim, 4 * dim, rngs=rngs, axes=("embed", "inner"), std=init_std)
         self.w_skip = Dense(dim, dim, rngs=rngs, axes=("embed", None), std=init_std)
         u = jax.random.uniform(rngs.params(), (dim,), jnp.float32)
@@ -83,7 +69,8 @@ class HydraSSM(nnx.Module):
         alpha, inp, c = self.gates(x)
         alpha = jnp.where(real[..., None], alpha, 1.0)
         inp = jnp.where(real[..., None], inp, 0.0)
-        s, final = diag_scan(alpha, inp, state.s, starts & real)
+        s, final = diag_scan(alpha, inp, state.s, starts & real, impl=self.impl,
+                             block=self.block)
         y = c * s + self.w_skip(x).astype(jnp.float32)
         return y.astype(x.dtype), HydraSSMState(s=final, pos=next_pos), {}
 

@@ -6,10 +6,12 @@ parameter count."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from asserts import assert_close
 from flax import nnx
 
-from layers.hydra_ssm import HydraSSM, diag_scan, hydra_ssm_params
+from layers.hydra_ssm import HydraSSM, hydra_ssm_params
+from pallas_kernels.diag_scan import diag_scan
 from pallas_kernels.selective_scan import selective_scan
 
 D = 6
@@ -43,6 +45,28 @@ def test_scan_equals_the_token_loop_with_state_resets_and_pads():
             np.testing.assert_allclose(y[b, t], c[b, t] * s + skip[b, t], rtol=1e-5, atol=1e-5)
             s = alpha[b, t] * s + inp[b, t]
         np.testing.assert_allclose(new.s[b], s, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 13, 40])
+def test_chunked_scan_equals_the_reference_forward_and_gradients(T):
+    """The diag_scan op's chunked form (block 8: T = 13 and 40 leave ragged chunks) == its token
+    loop, outputs, final state and gradients, with a carried state and resets."""
+    k = jax.random.split(jax.random.key(3), 4)
+    alpha = jax.nn.sigmoid(jax.random.normal(k[0], (2, T, D)))
+    inp = jax.random.normal(k[1], (2, T, D))
+    s0 = jax.random.normal(k[2], (2, D))
+    reset = jax.random.uniform(k[3], (2, T)) < 0.15
+
+    def f(impl):
+        def loss(alpha, inp, s0):
+            s, fin = diag_scan(alpha, inp, s0, reset, impl=impl, block=8)
+            return jnp.sum(jnp.sin(s)) + jnp.sum(fin ** 2), (s, fin)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(alpha, inp, s0)
+
+    (_, ref), g_ref = f("reference")
+    (_, got), g = f("chunked")
+    assert_close(got, ref, atol=1e-5, rtol=1e-5, what="chunked scan")
+    assert_close(g, g_ref, atol=1e-4, rtol=1e-4, what="chunked scan gradients")
 
 
 def test_mamba_correspondence_through_the_selective_scan_op():

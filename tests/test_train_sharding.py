@@ -123,7 +123,7 @@ def test_batch_is_split_over_data_and_fsdp():
 # a wrong entry there (say kv_heads on fsdp) changes some parameter's shard shape below.
 EXPECTED_RULES = {"embed": "fsdp", "vocab": "tensor", "mlp": "tensor", "heads": "tensor",
                   "kv_heads": "tensor", "conv": "tensor", "inner": "tensor", "head_dim": None,
-                  "state": None, "norm": None, "layers": None}
+                  "state": None, "norm": None, "layers": None, "expert": "fsdp"}
 
 
 def _expected_shard(names, shape, mesh_sizes):

@@ -2,6 +2,7 @@
 import zoo.atlas  # noqa: F401
 import zoo.deep_transformer  # noqa: F401
 import zoo.gam  # noqa: F401
+import zoo.hydra  # noqa: F401
 import zoo.linear_memory  # noqa: F401
 import zoo.lssl  # noqa: F401
 import zoo.mamba  # noqa: F401

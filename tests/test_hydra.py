@@ -1,0 +1,92 @@
+"""Hydra (zoo/hydra.py; specs/hydra.md §7; the layers have their own files: test_hydra_ssm,
+test_sga, test_moe, test_pkm): the conformance runs clear of every discrete decision, block
+reductions, the prototype's non-causal chunk-mean router caught by the causality check the
+model passes, and §3.2's parameter accounting on the 1.6B layout built abstractly."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import layers.moe as LMoE
+import zoo
+from zoo.hydra import MARGIN, decision_margins, hydra_1p6b, hydra_param_count
+
+SPEC = zoo.get("hydra").conformance
+
+
+def test_conformance_runs_are_clear_of_every_decision():
+    """The conformance suite's token sets (its seeds and batch sizes, the causality
+    perturbations, the shifted document-reset rows) have every MoE top-k gap, SGA |r_j| and PKM
+    top-k gap above MARGIN (the contract notes' discrete decisions)."""
+    cfg, L = SPEC.config, SPEC.length
+    V, n = cfg.vocab_size, len(SPEC.cuts)
+    tok = lambda b, s: jax.random.randint(jax.random.key(s), (b, L), 0, V, jnp.int32)  # noqa
+    x0 = tok(2, 0)
+    rows = [tok(b, s) for b, s in ((2, 0), (1, 5), (n, 1), (2, 2), (2, 3), (4, 4), (n, 6))]
+    rows += [x0.at[:, c:].set((x0[:, c:] + 7) % V) for c in (L // 3, L - 2)]
+    a, t = L // 2 - 1, np.arange(L)[None]
+    x6 = tok(n, 6)
+    rows.append(jnp.take_along_axis(x6, jnp.asarray(np.minimum(t + a, L - 1)).repeat(n, 0),
+                                    axis=1))
+    x = jnp.concatenate(rows)
+    mask = np.ones(x.shape, bool)
+    mask[-n:] = t < L - a
+    model = zoo.build("hydra", cfg, rngs=0)
+    gd, st = nnx.split(model)
+    low = jax.jit(lambda st, x, m: jnp.min(jnp.stack([
+        jnp.min(jnp.where(m, g, jnp.inf)) for g in decision_margins(nnx.merge(gd, st), x, m)])))
+    assert float(low(st, x, jnp.asarray(mask))) > MARGIN
+    assert SPEC.check_margins is zoo.hydra.check_margins
+
+
+def test_block_reductions():
+    """§7.3: g2 = g3 = 0 gives the SSM-only residual block; a block without SGA / MoE equals
+    the same block with those paths present and g = 0."""
+    cfg = dataclasses.replace(SPEC.config, pkm_layer=0)
+    model = zoo.build("hydra", cfg, rngs=0)
+    blk = model.blocks[1]
+    assert blk.sga is not None and blk.moe is not None
+    blk.g[...] = jnp.asarray([0.8, 0.0, 0.0])
+    x = jax.random.normal(jax.random.key(2), (2, 9, cfg.dim))
+    want = x + 0.8 * blk.ssm(blk.norm_ssm(x))[0]
+    np.testing.assert_allclose(blk(x)[0], want, rtol=1e-6, atol=1e-6)
+    blk.sga = blk.moe = None
+    blk.norm_sga = blk.norm_moe = None
+    np.testing.assert_allclose(blk(x)[0], want, rtol=1e-6, atol=1e-6)
+
+
+def _causal_gap(model, x, cut):
+    y = model(x)[0]
+    x2 = x.at[:, cut:].set((x[:, cut:] + 11) % model.vocab_size)
+    return float(jnp.max(jnp.abs(model(x2)[0][:, :cut] - y[:, :cut])))
+
+
+def test_the_prototype_chunk_mean_router_leaks_and_the_causal_one_does_not(monkeypatch):
+    """§2.4 and §7.8: routing chunk c by its own mean (the prototype's ChunkTop2MoE) lets a
+    token's output depend on later tokens of its chunk; the previous-chunk mean does not."""
+    model = zoo.build("hydra", SPEC.config, rngs=0)
+    x = jax.random.randint(jax.random.key(4), (2, 16), 0, SPEC.config.vocab_size)
+    assert _causal_gap(model, x, 5) == 0.0
+
+    def own_chunk_mean(x_, real, pos, next_pos, state, m_init, chunk):
+        B, T, D = x_.shape
+        means = jnp.repeat(x_.reshape(B, T // chunk, chunk, D).mean(2), chunk, axis=1)
+        return means, state
+
+    monkeypatch.setattr(LMoE, "chunk_route_features", own_chunk_mean)
+    assert _causal_gap(model, x, 5) > 1e-4
+
+
+def test_1p6b_accounting_matches_the_built_layout():
+    """§3.2: the formula gives ≈ 1.610 B (within 1 %) and equals the parameter count of the
+    1.6B layout built with jax.eval_shape (nothing allocated); 8 SGA, 12 MoE blocks, one PKM."""
+    cfg = hydra_1p6b()
+    n = hydra_param_count(cfg)
+    assert abs(n / 1.610e9 - 1) < 0.01, n
+    assert sum(cfg.has_sga(i) for i in range(24)) == 8
+    assert sum(cfg.has_moe(i) for i in range(24)) == 12
+    abstract = nnx.eval_shape(lambda: zoo.build("hydra", cfg, nnx.Rngs(0)))
+    built = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert built == n
