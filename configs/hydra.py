@@ -6,13 +6,26 @@
   1p6b   §3.2's layout (1.608 B parameters by the formula, = the built model): d 2048, 24
          blocks, GPT-NeoX vocabulary, T 4096 [choice], AdamW lr 3e-4, weight decay 0.1,
          clipping 1.0, load balance 0.01. Reads pre-tokenized `.bin` tokens (`data.path`).
-         Only eval_shape'd in tests. Not built yet: the workspace memory and the staged
-         curriculum (§2.5, §2.7).
+         Only eval_shape'd in tests. Not built yet: the workspace memory (§2.5).
+  stage1 .. stage4   §2.7's staged curriculum at the tiny scale, each stage a fresh run that
+         starts from the previous stage's run directory (`checkpoint.init_from`: the parameters
+         it has are loaded, the added components freshly initialised): 1 the SSM backbone only,
+         2 + SGA, 3 + the MoE (load balance 0.01), 4 + the PKM. Run them in order:
+             python -m train --config=configs/hydra.py:stage1   (then stage2, stage3, stage4)
+         Not built: stage 3's router temperature annealing (2.0 -> 1.0) and stage 4's workspace
+         and data switches (the stages share the tiny MQAR data).
 """
 from train import config as C
 from zoo.hydra import PRESETS, HydraConfig
 
-VARIANTS = ("tiny", "1p6b")
+VARIANTS = ("tiny", "1p6b", "stage1", "stage2", "stage3", "stage4")
+
+
+_TINY = dict(dim=32, n_layers=3, n_heads=2, window=15, n_global=8, n_experts=4, moe_hidden=64,
+             moe_chunk=8, pkm_layer=1, pkm_sub=8, pkm_key=8, pkm_value=16, pkm_heads=2, pkm_topk=2)
+# what each curriculum stage switches on (a path absent from a layout is not built: 99 > n_layers)
+_STAGES = {1: dict(sga_every=99, moe_every=99, pkm_layer=0), 2: dict(moe_every=99, pkm_layer=0),
+           3: dict(pkm_layer=0), 4: {}}
 
 
 def get_config(arg=None):
@@ -20,14 +33,19 @@ def get_config(arg=None):
     if arg not in VARIANTS:
         raise ValueError(f"unknown variant {arg!r} of configs/hydra.py (known: "
                          f"{', '.join(VARIANTS)})")
-    if arg == "tiny":
+    if arg == "tiny" or arg.startswith("stage"):
+        stage = int(arg[5:]) if arg.startswith("stage") else 4
         cfg = C.default_config()
-        cfg.model = C.model_section("hydra", HydraConfig(
-            dim=32, n_layers=3, n_heads=2, window=15, n_global=8, n_experts=4, moe_hidden=64,
-            moe_chunk=8, pkm_layer=1, pkm_sub=8, pkm_key=8, pkm_value=16, pkm_heads=2,
-            pkm_topk=2), vocab_size=None)
+        cfg.model = C.model_section("hydra", HydraConfig(**{**_TINY, **_STAGES[stage]}),
+                                    vocab_size=None)
         cfg = C.tiny_budget(cfg)
-        cfg.train.aux_weights.load_balance = 0.01
+        if stage >= 3:
+            cfg.train.aux_weights.load_balance = 0.01
+        if arg.startswith("stage"):
+            cfg.train.steps = 200
+            cfg.checkpoint.dir = f"runs/hydra_stage{stage}"
+            if stage > 1:
+                cfg.checkpoint.init_from = f"runs/hydra_stage{stage - 1}"
         return cfg
     preset = PRESETS["hydra_1p6b"]()
     cfg = C.base_config(C.model_section("hydra", preset))

@@ -90,3 +90,53 @@ def test_1p6b_accounting_matches_the_built_layout():
     abstract = nnx.eval_shape(lambda: zoo.build("hydra", cfg, nnx.Rngs(0)))
     built = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     assert built == n
+
+
+def test_staged_curriculum_restores_what_exists_and_initialises_what_is_new(tmp_path):
+    """§2.7 with `checkpoint.init_from`: stage 1 trains the SSM-only Hydra (no SGA, MoE, PKM);
+    stage 2 adds SGA from stage 1's checkpoint: every parameter stage 1 had is its trained
+    value, the SGA's (and its norm's) are a fresh initialisation's, the step restarts at 0;
+    an init_from without a checkpoint is one line before anything compiles."""
+    import pytest
+    from train_helpers import tiny_cfg
+
+    from train import config as C
+    from train import trainer as T
+    from train.rundir import RunDir
+
+    def cfg_for(run, **model):
+        cfg = tiny_cfg(run, **{"train.steps": 3, "checkpoint.every": 3})
+        base = dict(vocab_size=cfg.model.vocab_size, dim=16, n_layers=2, sga_every=99,
+                    moe_every=99, pkm_layer=0, impl="auto")
+        cfg.model = C.model_section("hydra", dataclasses.replace(SPEC.config, **{**base, **model}),
+                                    vocab_size=None)
+        return cfg
+
+    s1, s2 = tmp_path / "stage1", tmp_path / "stage2"
+    T.train(cfg_for(s1), verbose=False)
+    c2 = cfg_for(s2, sga_every=2)
+    c2.checkpoint.init_from = str(s1)
+    c2.train.steps = 1
+    c2.train.warmup_steps = 0
+    c2.train.lr = 1e-30   # (lr must be > 0) stage 2's one step leaves float32 values unchanged
+    T.train(c2, verbose=False)
+    p1 = RunDir(str(s1)).restore_params()[3]
+    p2 = RunDir(str(s2)).restore_params()[3]
+    flat1 = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(p1)[0]}
+    flat2 = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(p2)[0]}
+    new = sorted(set(flat2) - set(flat1))
+    assert new and all("sga" in k for k in new), new
+    for k, v in flat1.items():
+        np.testing.assert_array_equal(np.asarray(flat2[k]), np.asarray(v), err_msg=k)
+    resolved, model_cfg = C.resolve(c2)
+    fresh = nnx.to_pure_dict(nnx.split(zoo.build("hydra", model_cfg,
+                                                 nnx.Rngs(params=resolved.train.seed)))[1])
+    flat_f = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(fresh)[0]}
+    for k in new:   # (a zero-initialised bias moved by lr 1e-30: atol 1e-25)
+        np.testing.assert_allclose(np.asarray(flat2[k]), np.asarray(flat_f[k]), rtol=1e-6,
+                                   atol=1e-25, err_msg=k)
+    assert RunDir(str(s2)).steps() == [1]
+    bad = cfg_for(tmp_path / "stage3")
+    bad.checkpoint.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(C.ConfigError, match="checkpoint.init_from=.*has no complete checkpoint"):
+        T.Trainer(*C.resolve(bad))

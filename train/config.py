@@ -94,6 +94,11 @@ def checkpoint_defaults() -> ml_collections.ConfigDict:
     # and exit 0; a warning when that took longer than this many seconds (0: no deadline)
     c.preempt_deadline_s = 30.0
     c.ocdbt = True                 # orbax's OCDBT array store (False: one zarr per array)
+    # a fresh run starts from another run's parameters ("<run dir>" or "<run dir>@<step>",
+    # default its latest step): every parameter whose path and shape the source has is taken
+    # from it, the others are freshly initialised; optimiser state and step start anew (a
+    # staged curriculum: each stage from the previous one's checkpoint). Ignored on resume.
+    c.init_from = ""
     return c
 
 

@@ -218,6 +218,46 @@ def init_params(s: Setup) -> dict:
     return jax.jit(init, out_shardings=s.param_shardings)()
 
 
+def parse_init_from(spec: str) -> tuple[str, int | None]:
+    """checkpoint.init_from "<run dir>[@<step>]" -> (run dir, step or None)."""
+    path, _, step = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    if step and not step.isdigit():
+        raise config_lib.ConfigError(f"checkpoint.init_from={spec!r}: the step after '@' must be an integer")
+    return path, int(step) if step else None
+
+
+def check_init_from(spec: str) -> None:
+    """checkpoint.init_from names a run directory with a complete checkpoint (at its step)."""
+    path, step = parse_init_from(spec)
+    steps = RunDir(path).steps() if RunDir(path).exists() else []
+    if not steps:
+        raise config_lib.ConfigError(f"checkpoint.init_from={spec!r}: {path!r} has no complete checkpoint")
+    if step is not None and step not in steps:
+        raise config_lib.ConfigError(f"checkpoint.init_from={spec!r}: no checkpoint at step {step} "
+                          f"(steps: {steps})")
+
+
+def partial_init(params: dict, source: dict) -> tuple[dict, list[str], list[str], list[str]]:
+    """params with every leaf whose path and shape `source` has replaced by the source's
+    (cast to the leaf's dtype and placed in its sharding). Returns (params, loaded paths, fresh
+    paths, source paths left unused)."""
+    flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    src = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(source)[0]}
+    loaded, fresh, out = [], [], {}
+    for k, v in flat.items():
+        key = jax.tree_util.keystr(k)
+        w = src.get(key)
+        if w is not None and tuple(w.shape) == tuple(v.shape):
+            out[k] = jax.device_put(w.astype(v.dtype), v.sharding)
+            loaded.append(key)
+        else:
+            out[k] = v
+            fresh.append(key)
+    unused = sorted(set(src) - set(loaded))
+    treedef = jax.tree_util.tree_structure(params)
+    return jax.tree_util.tree_unflatten(treedef, [out[k] for k in flat]), loaded, fresh, unused
+
+
 def to_global(batch: Mapping[str, np.ndarray], mesh, spec: P) -> dict:
     """This process's rows -> global arrays sharded over the batch axes."""
     out = {}
@@ -241,6 +281,8 @@ class Trainer:
         self.s = build_setup(cfg, model_cfg, devices)
         self.rundir = RunDir(cfg.checkpoint.dir)
         self.run_dir = self.rundir.path
+        if cfg.checkpoint.init_from and not (self.rundir.exists() and self.rundir.steps()):
+            check_init_from(cfg.checkpoint.init_from)        # before anything compiles
         self.is_main = jax.process_index() == 0
         self.verbose = verbose and self.is_main
         self._stop_signal = False
@@ -362,6 +404,14 @@ class Trainer:
             guard = restored.get("guard", guard)
             start = int(step)
             self.log(f"resumed from {self.rundir.checkpoints_path} at step {start}")
+        elif cfg.checkpoint.init_from:
+            path, at = parse_init_from(cfg.checkpoint.init_from)
+            _, _, _, source = RunDir(path).restore_params(at, mesh=s.mesh)
+            params, loaded, fresh, unused = partial_init(params, source)
+            self.log(f"initialised from {path}: {len(loaded)} parameter arrays loaded, "
+                     f"{len(fresh)} fresh" + (f" ({', '.join(fresh[:4])}"
+                                               f"{', ...' if len(fresh) > 4 else ''})" if fresh else "")
+                     + (f", {len(unused)} of the source unused" if unused else ""))
         end = t.steps if not t.stop_at_step else min(t.steps, t.stop_at_step)
 
         peak = mfu_lib.total_peak_flops(probe=t.mfu_probe)
