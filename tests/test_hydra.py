@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conformance_inputs import conformance_rows
 from flax import nnx
 
 import layers.moe as LMoE
@@ -20,24 +21,13 @@ def test_conformance_runs_are_clear_of_every_decision():
     """The conformance suite's token sets (its seeds and batch sizes, the causality
     perturbations, the shifted document-reset rows) have every MoE top-k gap, SGA |r_j| and PKM
     top-k gap above MARGIN (the contract notes' discrete decisions)."""
-    cfg, L = SPEC.config, SPEC.length
-    V, n = cfg.vocab_size, len(SPEC.cuts)
-    tok = lambda b, s: jax.random.randint(jax.random.key(s), (b, L), 0, V, jnp.int32)  # noqa
-    x0 = tok(2, 0)
-    rows = [tok(b, s) for b, s in ((2, 0), (1, 5), (n, 1), (2, 2), (2, 3), (4, 4), (n, 6))]
-    rows += [x0.at[:, c:].set((x0[:, c:] + 7) % V) for c in (L // 3, L - 2)]
-    a, t = L // 2 - 1, np.arange(L)[None]
-    x6 = tok(n, 6)
-    rows.append(jnp.take_along_axis(x6, jnp.asarray(np.minimum(t + a, L - 1)).repeat(n, 0),
-                                    axis=1))
-    x = jnp.concatenate(rows)
-    mask = np.ones(x.shape, bool)
-    mask[-n:] = t < L - a
+    cfg = SPEC.config
+    x, mask, _ = conformance_rows(SPEC)
     model = zoo.build("hydra", cfg, rngs=0)
     gd, st = nnx.split(model)
     low = jax.jit(lambda st, x, m: jnp.min(jnp.stack([
         jnp.min(jnp.where(m, g, jnp.inf)) for g in decision_margins(nnx.merge(gd, st), x, m)])))
-    assert float(low(st, x, jnp.asarray(mask))) > MARGIN
+    assert float(low(st, x, mask)) > MARGIN
     assert SPEC.check_margins is zoo.hydra.check_margins
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from asserts import assert_close
+from conformance_inputs import conformance_rows
 from flax import nnx
 
 import layers.memmamba as LM
@@ -213,26 +214,14 @@ def test_conformance_runs_are_clear_of_tau1():
     """The conformance suite's token sets (its seeds and batch sizes, the causality
     perturbations, the shifted and the packed document-reset runs) score every real token at
     least MARGIN away from tau1 at every layer (the contract notes' thresholds)."""
-    cfg, L = SPEC.config, SPEC.length
-    V, n = cfg.vocab_size, len(SPEC.cuts)
-    tok = lambda b, s: jax.random.randint(jax.random.key(s), (b, L), 0, V, jnp.int32)  # noqa
-    x0 = tok(2, 0)
-    rows = [tok(b, s) for b, s in ((2, 0), (1, 5), (n, 1), (2, 2), (2, 3), (4, 4), (n, 6))]
-    rows += [x0.at[:, c:].set((x0[:, c:] + 7) % V) for c in (L // 3, L - 2)]
-    a, t = L // 2 - 1, np.arange(L)[None]
-    x6 = tok(n, 6)
-    rows.append(jnp.take_along_axis(x6, jnp.asarray(np.minimum(t + a, L - 1)).repeat(n, 0),
-                                    axis=1))
-    x = jnp.concatenate(rows)
-    mask = np.ones(x.shape, bool)
-    mask[-n:] = t < L - a
+    cfg = SPEC.config
+    x, mask, (x6, seg) = conformance_rows(SPEC)
     model = zoo.build("memmamba", cfg, rngs=0)
     gd, st = nnx.split(model)
     low = jax.jit(lambda st, x, m, seg: jnp.min(jnp.stack([
         jnp.min(jnp.where(m, g, jnp.inf))
         for g in score_margins(nnx.merge(gd, st), x, m, seg)])))
-    assert float(low(st, x, jnp.asarray(mask), None)) > MARGIN
-    seg = jnp.asarray(np.where(np.arange(L) < a, 0, 1)[None].repeat(n, 0), jnp.int32)
+    assert float(low(st, x, mask, None)) > MARGIN
     assert float(low(st, x6, jnp.ones(x6.shape, bool), seg)) > MARGIN
     assert SPEC.check_margins is zoo.memmamba.check_margins
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from asserts import assert_close
+from conformance_inputs import conformance_rows
 from flax import nnx
 from test_flops import unrolled_loops
 
@@ -271,26 +272,12 @@ def test_conformance_runs_route_clear_of_ties(name):
     the causality perturbations and the document-reset runs) route every real token with a
     margin > zoo.mom.MARGIN at every layer (the spec's check_margins)."""
     spec = zoo.get(name).conformance
-    V, L = spec.config.vocab_size, spec.length
-    n_cuts = len(spec.cuts)
-    rows = []
-    tok = lambda b, s: jax.random.randint(jax.random.key(s), (b, L), 0, V, jnp.int32)  # noqa
-    for b, s in ((2, 0), (1, 5), (n_cuts, 1), (2, 2), (2, 3), (4, 4), (n_cuts, 6)):
-        rows.append(tok(b, s))
-    x0 = tok(2, 0)
-    rows += [x0.at[:, c:].set((x0[:, c:] + 7) % V) for c in (L // 3, L - 2)]
-    a, t = L // 2 - 1, np.arange(L)[None]
-    x6 = tok(n_cuts, 6)
-    rows.append(jnp.take_along_axis(x6, jnp.asarray(np.minimum(t + a, L - 1)).repeat(n_cuts, 0),
-                                    axis=1))
-    x = jnp.concatenate(rows)
-    mask = np.ones(x.shape, bool)
-    mask[-n_cuts:] = t < L - a
+    x, mask, _ = conformance_rows(spec)
     model = zoo.build(name, spec.config, rngs=0)
     graphdef, params = nnx.split(model)
     check = jax.jit(lambda prm, x, m: jnp.min(jnp.stack([
         jnp.min(jnp.where(m, g, jnp.inf)) for g in zoo.mom.routing_margins(
             nnx.merge(graphdef, prm), x, m)])))
-    low = float(check(params, x, jnp.asarray(mask)))
+    low = float(check(params, x, mask))
     assert low > zoo.mom.MARGIN, f"{name}: routing margin {low:.3g}"
     assert spec.check_margins is zoo.mom.check_margins
