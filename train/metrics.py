@@ -84,6 +84,46 @@ class MetricsWriter:
             self._f = self._tb = None
 
 
+class StepMeter:
+    """The logged step record's bookkeeping: tokens/s, MFU and the ETA over the steps since the
+    last restart, the learning rate from `schedule`. The first step (compile + run) is not timed:
+    tokens/s and MFU start at the next; evaluations and saves `restart` the clock so they are
+    not counted as training time."""
+
+    def __init__(self, *, start: int, total: int, tokens_per_step: int, flops_per_token: float,
+                 schedule, peak: float | None):
+        self.total, self.tokens_per_step = total, tokens_per_step
+        self.flops_per_token, self.schedule, self.peak = flops_per_token, schedule, peak
+        self.last_t: float | None = None
+        self.last_step = start
+
+    def started(self, done: int, metrics) -> None:
+        """After the first step of this invocation: wait for it, then start the clock."""
+        import jax
+        jax.block_until_ready(metrics)
+        self.restart(done)
+
+    def restart(self, done: int) -> None:
+        self.last_t, self.last_step = time.perf_counter(), done
+
+    def record(self, done: int, m: dict, *, elapsed_s: float) -> tuple[dict, float]:
+        """(the metrics line of step `done` from the step's host metrics `m`, the ETA in s)."""
+        now = time.perf_counter()
+        dt = now - self.last_t
+        ran = done - self.last_step
+        tps = ran * self.tokens_per_step / dt if ran > 0 else None
+        mfu = (self.flops_per_token * tps / self.peak) if self.peak and tps else None
+        steps_s = ran / dt if ran > 0 else 0.0
+        eta = (self.total - done) / steps_s if steps_s else 0.0
+        rec = {"step": done, "loss": float(m["loss"]), "ce": float(m["ce"]),
+               "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps, "mfu": mfu,
+               "lr": float(self.schedule(done - 1)), "elapsed_s": elapsed_s,
+               "skipped": int(m["skipped"])}
+        rec.update({k: float(v) for k, v in m.items() if k.startswith("aux/")})
+        self.restart(done)
+        return rec, eta
+
+
 def read_jsonl(path: str) -> list[dict]:
     from train import paths
     with paths.open_(path, "r") as f:

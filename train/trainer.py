@@ -31,11 +31,11 @@ from jax.sharding import PartitionSpec as P
 import zoo
 from train import checkpoint as ckpt
 from train import config as config_lib
-from train import faults, optim
+from train import faults, init_from, optim
 from train import guard as guard_lib
 from train import mfu as mfu_lib
 from train import sharding as sh
-from train.metrics import Progress, fmt_time
+from train.metrics import Progress, StepMeter, fmt_time
 from train.rundir import RunDir
 from zoo import lm
 
@@ -218,46 +218,6 @@ def init_params(s: Setup) -> dict:
     return jax.jit(init, out_shardings=s.param_shardings)()
 
 
-def parse_init_from(spec: str) -> tuple[str, int | None]:
-    """checkpoint.init_from "<run dir>[@<step>]" -> (run dir, step or None)."""
-    path, _, step = spec.rpartition("@") if "@" in spec else (spec, "", "")
-    if step and not step.isdigit():
-        raise config_lib.ConfigError(f"checkpoint.init_from={spec!r}: the step after '@' must be an integer")
-    return path, int(step) if step else None
-
-
-def check_init_from(spec: str) -> None:
-    """checkpoint.init_from names a run directory with a complete checkpoint (at its step)."""
-    path, step = parse_init_from(spec)
-    steps = RunDir(path).steps() if RunDir(path).exists() else []
-    if not steps:
-        raise config_lib.ConfigError(f"checkpoint.init_from={spec!r}: {path!r} has no complete checkpoint")
-    if step is not None and step not in steps:
-        raise config_lib.ConfigError(f"checkpoint.init_from={spec!r}: no checkpoint at step {step} "
-                          f"(steps: {steps})")
-
-
-def partial_init(params: dict, source: dict) -> tuple[dict, list[str], list[str], list[str]]:
-    """params with every leaf whose path and shape `source` has replaced by the source's
-    (cast to the leaf's dtype and placed in its sharding). Returns (params, loaded paths, fresh
-    paths, source paths left unused)."""
-    flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-    src = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(source)[0]}
-    loaded, fresh, out = [], [], {}
-    for k, v in flat.items():
-        key = jax.tree_util.keystr(k)
-        w = src.get(key)
-        if w is not None and tuple(w.shape) == tuple(v.shape):
-            out[k] = jax.device_put(w.astype(v.dtype), v.sharding)
-            loaded.append(key)
-        else:
-            out[k] = v
-            fresh.append(key)
-    unused = sorted(set(src) - set(loaded))
-    treedef = jax.tree_util.tree_structure(params)
-    return jax.tree_util.tree_unflatten(treedef, [out[k] for k in flat]), loaded, fresh, unused
-
-
 def to_global(batch: Mapping[str, np.ndarray], mesh, spec: P) -> dict:
     """This process's rows -> global arrays sharded over the batch axes."""
     out = {}
@@ -282,7 +242,7 @@ class Trainer:
         self.rundir = RunDir(cfg.checkpoint.dir)
         self.run_dir = self.rundir.path
         if cfg.checkpoint.init_from and not (self.rundir.exists() and self.rundir.steps()):
-            check_init_from(cfg.checkpoint.init_from)        # before anything compiles
+            init_from.check(cfg.checkpoint.init_from)        # before anything compiles
         self.is_main = jax.process_index() == 0
         self.verbose = verbose and self.is_main
         self._stop_signal = False
@@ -405,23 +365,18 @@ class Trainer:
             start = int(step)
             self.log(f"resumed from {self.rundir.checkpoints_path} at step {start}")
         elif cfg.checkpoint.init_from:
-            path, at = parse_init_from(cfg.checkpoint.init_from)
-            _, _, _, source = RunDir(path).restore_params(at, mesh=s.mesh)
-            params, loaded, fresh, unused = partial_init(params, source)
-            self.log(f"initialised from {path}: {len(loaded)} parameter arrays loaded, "
-                     f"{len(fresh)} fresh" + (f" ({', '.join(fresh[:4])}"
-                                               f"{', ...' if len(fresh) > 4 else ''})" if fresh else "")
-                     + (f", {len(unused)} of the source unused" if unused else ""))
+            params, line = init_from.initialise(params, cfg.checkpoint.init_from, s.mesh)
+            self.log(line)
         end = t.steps if not t.stop_at_step else min(t.steps, t.stop_at_step)
 
-        peak = mfu_lib.total_peak_flops(probe=t.mfu_probe)
-        tokens_per_step = t.batch_size * cfg.data.seq_len
+        meter = StepMeter(start=start, total=t.steps, tokens_per_step=t.batch_size * cfg.data.seq_len,
+                          flops_per_token=s.flops_per_token, schedule=optim.schedule(t),
+                          peak=mfu_lib.total_peak_flops(probe=t.mfu_probe))
         losses: dict[int, float] = {}
         history = []
         status = "done"
         t_start = time.perf_counter()
         compile_s = 0.0
-        last_t, last_step = None, start
         last_eval = (None, None)
         progress = Progress(t.steps, enabled=self.verbose)
 
@@ -439,28 +394,15 @@ class Trainer:
                          f"{s.flops_per_token / 1e6:.2f} MFLOP/token (analytic)")
             params, opt_state, step, guard, metrics = step_fn(params, opt_state, step, guard, batch)
             done = k + 1
-            if last_t is None:
-                jax.block_until_ready(metrics)
-                last_t, last_step = time.perf_counter(), done
+            if k == start:
+                meter.started(done, metrics)
             if done % t.log_every == 0 or done == end:
                 m = jax.device_get(metrics)
-                now = time.perf_counter()
-                dt = now - last_t
-                # the first step (compile + run) is not timed: tokens/s and MFU start at the next
-                tps = (done - last_step) * tokens_per_step / dt if done > last_step else None
-                mfu = (s.flops_per_token * tps / peak) if peak and tps else None
-                steps_s = (done - last_step) / dt if done > last_step else 0.0
-                eta = (t.steps - done) / steps_s if steps_s else 0.0
-                rec = {"step": done, "loss": float(m["loss"]), "ce": float(m["ce"]),
-                       "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps,
-                       "mfu": mfu, "lr": float(optim.schedule(t)(done - 1)),
-                       "elapsed_s": now - t_start, "skipped": int(m["skipped"])}
-                rec.update({k2: float(v) for k2, v in m.items() if k2.startswith("aux/")})
+                rec, eta = meter.record(done, m, elapsed_s=time.perf_counter() - t_start)
                 writer.write(rec)
                 history.append(rec)
                 losses[done] = rec["loss"]
-                progress.update(done, rec["loss"], tps, mfu, eta)
-                last_t, last_step = now, done
+                progress.update(done, rec["loss"], rec["tokens_per_s"], rec["mfu"], eta)
                 if int(m["first_bad"]) >= 0:
                     ck.stop_nonfinite(writer, int(m["first_bad"]))
             if cfg.eval.every and done % cfg.eval.every == 0 and done != end:
@@ -469,7 +411,7 @@ class Trainer:
                 writer.write({"step": done, "split": "val", **ev})
                 progress.message(f"eval @ step {done}: val_loss {ev['val_loss']:.4f}  "
                                  f"val_accuracy {ev['val_accuracy']:.4f}")
-                last_t, last_step = time.perf_counter(), done   # tokens/s excludes evals
+                meter.restart(done)   # tokens/s excludes evals
                 target = cfg.eval.early_stop_accuracy
                 if target and ev["val_accuracy"] >= target:
                     progress.message(f"val_accuracy {ev['val_accuracy']:.4f} >= "
@@ -481,7 +423,7 @@ class Trainer:
                 if not ck.save(done, state(), cfg_json, it):
                     if int(guard["first_bad"]) >= 0:
                         ck.stop_nonfinite(writer, int(guard["first_bad"]))
-                last_t, last_step = time.perf_counter(), done
+                meter.restart(done)
             if self._stop_requested():
                 status = "preempted"
                 end = done
