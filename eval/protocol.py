@@ -7,7 +7,10 @@ interrupted cell is resumed by `python -m train` from its latest checkpoint, so 
 built over many invocations (and sessions). The record of a finished cell (`cell.json` in its run
 directory) holds everything the table shows: task, model, rate, seed, training wall time,
 the held-out selection metric, the test-set scores, parameters, recurrent-state bytes and the
-exact resolved config.
+exact resolved config. Records are also kept in a ledger beside the results markdown
+(`docs/results_cells.jsonl`, committed): a cell found there by its `fingerprint` (config and
+scoring arguments) is finished in any checkout, so a sweep built over many sessions keeps every
+finished cell even where the run directories are gone.
 """
 from __future__ import annotations
 
@@ -122,9 +125,7 @@ def score(proto, cell: Cell, run_dir: str, step: int, out: str,
     `proto.TEST_SEED`), as {metric name of proto.METRICS[task]: value}."""
     from eval import cli
     from eval.results import latest, read_rows
-    args = list(proto.TASKS[cell.task].eval_args)
-    if n_examples:
-        args = [a for a in args if not a.startswith("--n_examples=")] + [f"--n_examples={n_examples}"]
+    args = eval_args(proto, cell.task, n_examples)
     rc = cli.main([f"--run_dir={run_dir}", f"--out={out}", "--no_plots", "--no_progress",
                    f"--seed={proto.TEST_SEED}", *args])
     if rc not in (0, 1):
@@ -171,18 +172,56 @@ def param_count(name: str, model_cfg) -> int:
     return zoo.lm.count_params(nnx.state(abstract, nnx.Param))
 
 
+def eval_args(proto, task: str, n_examples: int = 0) -> list[str]:
+    """The `python -m eval` arguments a cell of `task` is scored with."""
+    args = list(proto.TASKS[task].eval_args)
+    if n_examples:
+        args = [a for a in args if not a.startswith("--n_examples=")] + [f"--n_examples={n_examples}"]
+    return args
+
+
+def fingerprint(proto, cell: Cell, cfg, n_examples: int = 0) -> str:
+    """What a cell is, as a short hash: its exact config without the checkpoint section (where a
+    run is stored is not what it trains) and the arguments it is scored with. A ledger record
+    with the same fingerprint is that cell, finished."""
+    import hashlib
+
+    from train import config as C
+    d = {k: v for k, v in C.to_jsonable(cfg).items() if k != "checkpoint"}
+    blob = json.dumps({"cell": dataclasses.asdict(cell), "config": d,
+                       "eval": eval_args(proto, cell.task, n_examples)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_ledger(path: str) -> dict[str, dict]:
+    """{fingerprint: record} of a committed ledger (`<results stem>_cells.jsonl`): the records of
+    finished cells, which outlive the run directories (a fresh clone has no runs/). Records
+    without a fingerprint (written before it existed) are not matched."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    return {r["fingerprint"]: r for r in recs if "fingerprint" in r}
+
+
 def run_cell(proto, cell: Cell, runs: str, overrides, log,
-             n_examples: int = 0) -> dict[str, Any] | None:
+             n_examples: int = 0, ledger: dict[str, dict] | None = None) -> dict[str, Any] | None:
     """The cell's record: trained (resumed) if not finished, scored, written to cell.json.
-    A finished cell with its record is read back without training or scoring again."""
+    A cell in the `ledger` (same fingerprint) or finished with its record is read back without
+    training or scoring again."""
     from train import config as C
     from train.rundir import RunDir
     run_dir = cell.run_dir(runs)
     rec_path = os.path.join(run_dir, CELL_JSON)
     cfg = cell_config(proto, cell, overrides)
+    fp = fingerprint(proto, cell, cfg, n_examples)
+    if ledger and fp in ledger:
+        return ledger[fp]
     if os.path.exists(rec_path) and finished(run_dir, cfg):
         with open(rec_path) as f:
-            return json.load(f)
+            rec = json.load(f)
+        if rec.get("fingerprint") == fp:
+            return rec
     wall_before = 0.0
     if os.path.exists(RunDir(run_dir).wall_path):     # time of earlier, interrupted invocations
         with open(RunDir(run_dir).wall_path) as f:
@@ -208,7 +247,7 @@ def run_cell(proto, cell: Cell, runs: str, overrides, log,
            "params": param_count(name, model_cfg),
            "state_bytes_per_layer": state_bytes(name, model_cfg,
                                                 int(resolved.data.seq_len)),
-           "config": _config_json(run_dir)}
+           "config": _config_json(run_dir), "fingerprint": fp}
     with open(rec_path + ".tmp", "w") as f:
         json.dump(rec, f, indent=1, sort_keys=True)
     os.replace(rec_path + ".tmp", rec_path)

@@ -17,7 +17,9 @@ pairs, per family). Every number comes from the cells' records (`eval.protocol`)
 is never retrained or rescored, an interrupted one resumes from its checkpoint. `--set`
 overrides config keys of every cell (a smoke run: --set=train.steps=4,model.dim=32;
 tests/test_eval_table.py runs the command so). The exact config, seed, rate and wall time of
-every cell are also written beside the markdown (`<out stem>_cells.jsonl`).
+every cell are also written beside the markdown (`<out stem>_cells.jsonl`), the ledger: a cell
+recorded there is finished in any checkout (commit it with the markdown), and the markdown shows
+every cell of the ledger, also those of models and tasks this invocation did not name.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import os
 import sys
 from collections import defaultdict
 
-from eval.protocol import REPO, Cell, load_protocol, run_cell, select
+from eval.protocol import REPO, Cell, load_protocol, read_ledger, run_cell, select
 
 
 def _err(msg: str) -> int:
@@ -89,6 +91,8 @@ def main(argv=None) -> int:
         return _err(f"--set: {e.args[0]}")
     runs = os.path.join(REPO, a.runs)
     os.makedirs(runs, exist_ok=True)
+    out = os.path.join(REPO, a.out)
+    ledger = read_ledger(os.path.splitext(out)[0] + "_cells.jsonl")
     claimed = claim_cells(proto)
     cells = defaultdict(list)      # (task, model) -> records (every rate, every seed)
     chosen = {}                    # (task, model) -> chosen rate
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
                 recs = []
                 for lr in rates or proto.TASKS[task].rates:
                     rec = run_cell(proto, Cell(task, m, lr, seeds[0]), runs, overrides, log,
-                                   n_examples=a.n_examples)
+                                   n_examples=a.n_examples, ledger=ledger)
                     if rec is not None:
                         recs.append(rec)
                 best = select(proto, task, recs)
@@ -110,16 +114,34 @@ def main(argv=None) -> int:
                 chosen[(task, m)] = best["lr"]
                 if (task, m) in claimed:
                     for s in seeds[1:]:
-                        rec = run_cell(proto, Cell(task, m, best["lr"], s), runs, overrides, log,
-                                       n_examples=a.n_examples)
+                        rec = run_cell(proto, Cell(task, m, best["lr"], s), runs, overrides,
+                                       log, n_examples=a.n_examples, ledger=ledger)
                         if rec is not None:
                             recs.append(rec)
                 cells[(task, m)] = recs
+    keep_ledger(proto, ledger.values(), cells, chosen, seeds[0])
+    tasks = [t for t in proto.TASKS if t in tasks or any(k[0] == t for k in cells)]
+    models = [m for m in proto.MODELS if m in models or any(k[1] == m for k in cells)]
     from eval import report
-    out = os.path.join(REPO, a.out)
     report.write(out, proto, cells, chosen, models, tasks, argv_line(a))
     print(f"[table] wrote {a.out}")
     return 0
+
+
+def keep_ledger(proto, records, cells, chosen, first_seed: int) -> None:
+    """Add the ledger's cells of (task, model) pairs this invocation did not ask for, so the
+    results markdown and its ledger keep every finished cell (a partial sweep never drops the
+    others)."""
+    other = defaultdict(list)
+    for r in records:
+        if (r["task"], r["model"]) not in cells and r["model"] in proto.MODELS \
+                and r["task"] in proto.TASKS:
+            other[(r["task"], r["model"])].append(r)
+    for key, recs in other.items():
+        best = select(proto, key[0], [r for r in recs if r["seed"] == first_seed])
+        if best is not None:
+            chosen[key] = best["lr"]
+            cells[key] = recs
 
 
 def argv_line(a) -> str:

@@ -5,6 +5,7 @@ on the test seed, writes the markdown, the cell records and the plots; a second 
 the finished cells back without training or scoring again."""
 import json
 import os
+import shutil
 
 from eval import protocol, table
 
@@ -57,6 +58,27 @@ def test_protocol_end_to_end_on_a_tiny_budget(tmp_path):
     assert os.path.getmtime(cell_json) == mtime
     assert out.read_text() == md
     assert json.load(open(cell_json))["lr"] == RATES[1]
+    # the ledger beside the markdown: a fresh checkout (no run directories) retrains nothing, and
+    # an invocation over one model keeps the other model's cells in the markdown
+    shutil.rmtree(runs)
+    assert table.main(argv) == 0
+    assert out.read_text() == md and not os.path.exists(os.path.dirname(cell_json))
+    assert table.main([a for a in argv if not a.startswith("--models")] + ["--models=mamba"]) == 0
+    assert "| transformer |" in out.read_text() and not os.path.exists(os.path.dirname(cell_json))
+
+
+def test_fingerprint_is_the_cell_not_where_it_is_stored():
+    proto = protocol.load_protocol()
+    cell = protocol.Cell("mqar", "transformer", 1e-3, 0)
+    cfg = protocol.cell_config(proto, cell)
+    fp = protocol.fingerprint(proto, cell, cfg)
+    moved = protocol.cell_config(proto, cell, [("checkpoint.dir", "/elsewhere")])
+    assert protocol.fingerprint(proto, cell, moved) == fp
+    for key, value in (("train.steps", "7"), ("model.dim", "64"), ("data.num_kv_pairs", "8")):
+        assert protocol.fingerprint(proto, cell, protocol.cell_config(proto, cell, [(key, value)])) != fp
+    assert protocol.fingerprint(proto, protocol.Cell("mqar", "transformer", 1e-3, 1),
+                                protocol.cell_config(proto, cell)) != fp
+    assert protocol.fingerprint(proto, cell, cfg, n_examples=8) != fp
 
 
 def test_bad_override_is_one_line_and_exit_2(tmp_path, capsys):
