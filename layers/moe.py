@@ -97,10 +97,14 @@ class MoE(nnx.Module):
     def __init__(self, dim: int, hidden: int, n_experts: int, k: int, *, rngs: nnx.Rngs,
                  chunk: int | None = None, temperature: float = 1.0, router_std: float = 0.02,
                  init_std: float = 0.02, out_scale: float = 1.0, block: int = 16,
-                 prefix: str = "moe", z_stat: bool = False):
+                 prefix: str = "moe", z_stat: bool = False, scheduled_temperature: bool = False):
         if not 1 <= k <= n_experts:
             raise ValueError(f"top-k {k} must be in [1, {n_experts}]")
-        self.n_experts, self.k, self.temperature, self.chunk = n_experts, k, temperature, chunk
+        self.n_experts, self.k, self.chunk = n_experts, k, chunk
+        # scheduled_temperature: the temperature is a scalar parameter that no gradient moves
+        # (stop_gradient), set by the trainer's `train.anneal` schedule (hydra.md §2.7 stage 3)
+        self.temperature = (param(jnp.asarray(temperature, jnp.float32), ())
+                            if scheduled_temperature else temperature)
         self.block, self.prefix, self.z_stat = block, prefix, z_stat
         self.router = param(normal(rngs.params(), (dim, n_experts), router_std), ("embed", None))
         # chunk routing: chunk 0's feature m_{-1} (learned)
@@ -112,9 +116,13 @@ class MoE(nnx.Module):
         self.w2 = param(normal(rngs.params(), (E, hidden, dim), init_std * out_scale),
                         ("expert", "mlp", "embed"))
 
+    def temp(self):
+        t = self.temperature
+        return jax.lax.stop_gradient(t[...]) if isinstance(t, nnx.Param) else t
+
     def routing(self, route_from: Array, mask: Array | None = None) -> Routing:
         logits = jnp.einsum("btd,de->bte", route_from.astype(jnp.float32),
-                            self.router[...].astype(jnp.float32)) / self.temperature
+                            self.router[...].astype(jnp.float32)) / self.temp()
         return route(logits, self.k, mask)
 
     def experts(self, x: Array, r: Routing, mask: Array | None = None) -> Array:

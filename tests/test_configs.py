@@ -77,7 +77,10 @@ def test_config_builds_and_eval_shapes_one_step(path, variant, tmp_path):
     cfg.checkpoint.dir = str(tmp_path / "run")
     resolved, model_cfg = C.resolve(cfg)
     if getattr(model_cfg, "n_layers", 0) > STEP_LAYERS:
-        model_cfg = dataclasses.replace(model_cfg, n_layers=STEP_LAYERS)
+        # Hydra's workspace needs an SGA block to read it: keep one in the shortened stack
+        keep = ({"sga_every": min(model_cfg.sga_every, STEP_LAYERS)}
+                if getattr(model_cfg, "workspace", False) else {})
+        model_cfg = dataclasses.replace(model_cfg, n_layers=STEP_LAYERS, **keep)
     params, new_params, metrics = T.eval_shape_step(resolved, model_cfg)
     entry = zoo.get(resolved.model.name)
     if entry.param_count is not None:   # the formula at the config's real widths

@@ -134,3 +134,30 @@ def test_staged_curriculum_restores_what_exists_and_initialises_what_is_new(tmp_
     bad.checkpoint.init_from = str(tmp_path / "nowhere")
     with pytest.raises(C.ConfigError, match="checkpoint.init_from=.*has no complete checkpoint"):
         T.Trainer(*C.resolve(bad))
+
+
+def test_stage3_anneals_the_router_temperature(tmp_path):
+    """configs/hydra.py:stage3's schedule on a 3-step run: the MoE's scheduled temperature is
+    2.0 at step 0 and 1.0 at the last step (train.anneal), never moved by the optimiser; the
+    checkpoint after steps 0 and 1 holds step 1's value 1.5."""
+    import importlib.util
+
+    from train_helpers import tiny_cfg
+
+    from train import config as C
+    from train import trainer as T
+    from train.rundir import RunDir
+    spec = importlib.util.spec_from_file_location("hydra_cfg", "configs/hydra.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.get_config("stage3").train.anneal == mod.ANNEAL == "*.moe.temperature=2.0:1.0"
+    cfg = tiny_cfg(tmp_path / "run", **{"train.steps": 3, "checkpoint.every": 1,
+                                        "train.anneal": mod.ANNEAL})
+    cfg.model = C.model_section("hydra", dataclasses.replace(
+        SPEC.config, vocab_size=cfg.model.vocab_size, dim=16, n_layers=2, sga_every=99,
+        moe_every=2, pkm_layer=0, moe_scheduled_temperature=True, moe_temperature=2.0),
+        vocab_size=None)
+    T.train(cfg, verbose=False)
+    rd = RunDir(str(tmp_path / "run"))
+    temps = [float(rd.restore_params(s)[3]["blocks"][1]["moe"]["temperature"]) for s in (1, 2, 3)]
+    assert temps == [2.0, 1.5, 1.0]

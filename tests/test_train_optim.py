@@ -227,3 +227,25 @@ def test_groups_change_the_update_as_declared():
     plain = optim.make_optimizer(t)
     assert jax.tree.structure(plain.init(params)) == jax.tree.structure(
         optim.make_optimizer(t, zoo.get("mamba").groups, params).init(params))
+
+
+def test_anneal_sets_matching_parameters_from_the_step_without_gradient():
+    """`train.anneal` (hydra.md §2.7 stage 3's router temperature): glob=start:end, linear over
+    the steps; the loss sees the scheduled value, the gradient of that leaf is exactly 0; bad
+    specs and globs that match nothing are one ConfigError line before anything compiles."""
+    table = optim.parse_anneal("*.t=2.0:1.0")
+    params = {"a": {"t": jnp.asarray(7.0)}, "b": {"w": jnp.ones((2,))}}
+    at = [float(optim.anneal(params, table, s, 5)["a"]["t"]) for s in range(6)]
+    assert at == [2.0, 1.75, 1.5, 1.25, 1.0, 1.0]
+    assert optim.anneal(params, table, 3, 5)["b"]["w"] is params["b"]["w"]
+    g = jax.grad(lambda p: optim.anneal(p, table, 1, 5)["a"]["t"] * jnp.sum(p["b"]["w"]))(params)
+    assert float(g["a"]["t"]) == 0.0 and np.allclose(g["b"]["w"], 1.75)
+    for bad in ("*.t=2.0", "*.t:2:1", "=1:2", "*.t=a:1"):
+        cfg = tiny_cfg("")
+        cfg.train.anneal = bad
+        with pytest.raises(C.ConfigError, match="train.anneal: .* is not glob=start:end"):
+            C.resolve(cfg)
+    cfg = tiny_cfg("")
+    cfg.train.anneal = "*.nothing=1:2"
+    with pytest.raises(C.ConfigError, match="'\\*.nothing' matches no parameter"):
+        T.build_setup(*C.resolve(cfg))

@@ -59,6 +59,10 @@ def train_defaults() -> ml_collections.ConfigDict:
     c.seed = 0                     # parameter init and dropout keys
     c.aux_weights = ml_collections.ConfigDict()   # name -> weight of model.aux_terms(aux)[name]
     c.dropout = True               # pass dropout keys (per step) to the model; its rates are model fields
+    # parameters set by a schedule instead of by gradients: "glob=start:end,..." (train.optim.
+    # parse_anneal), linear from start at step 0 to end at the last step (hydra stage 3's
+    # router temperature, "*.moe.temperature=2.0:1.0")
+    c.anneal = ""
     c.log_every = 20
     c.compilation_cache_dir = "~/.cache/seqzoo/jax"   # "" turns the persistent cache off
     c.stop_at_step = 0             # stop (after saving) at this step; 0: run to `steps`
@@ -336,6 +340,11 @@ def resolve(cfg: ml_collections.ConfigDict, *, device_count: int | None = None):
     _need(t.spike_window >= 1, f"train.spike_window={t.spike_window} must be >= 1")
     for k, v in t.aux_weights.items():
         _need(isinstance(v, (int, float)), f"train.aux_weights.{k}={v!r} must be a number")
+    from train.optim import parse_anneal
+    try:
+        parse_anneal(t.get("anneal", ""))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
     # mesh
     m = cfg.mesh

@@ -1,7 +1,8 @@
 """optax pieces: warmup + cosine schedule, AdamW with decoupled weight decay by parameter group
 (matrices only by default; each registry entry's `groups` give its family's reference choices:
 no-decay sets, per-group learning rates), global-norm clipping; and the shardings of an
-optimizer state that mirror the parameters'."""
+optimizer state that mirror the parameters'; and annealed parameters (`train.anneal`), set from the
+step by a linear schedule instead of by gradients."""
 from __future__ import annotations
 
 import fnmatch
@@ -42,6 +43,48 @@ def param_groups(params, groups=(), lr: float = 1.0) -> dict:
                 break
         out[name] = (bool(decay), float(rate), group)
     return out
+
+
+def parse_anneal(spec: str) -> list[tuple[str, float, float]]:
+    """`train.anneal` "glob=start:end,..." -> [(glob, start, end)]; ValueError naming the item."""
+    out = []
+    for item in filter(None, (x.strip() for x in (spec or "").split(","))):
+        pat, eq, rng = item.partition("=")
+        start, colon, end = rng.partition(":")
+        try:
+            if not (eq and colon and pat):
+                raise ValueError
+            out.append((pat, float(start), float(end)))
+        except ValueError:
+            raise ValueError(f"train.anneal: {item!r} is not glob=start:end "
+                             "(e.g. *.moe.temperature=2.0:1.0)") from None
+    return out
+
+
+def check_anneal(params, table) -> None:
+    """Every `train.anneal` glob matches a parameter (ValueError naming the first that does not)."""
+    names = [_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for pat, _, _ in table:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            raise ValueError(f"train.anneal: {pat!r} matches no parameter of the model")
+
+
+def anneal(params, table, step, steps: int):
+    """params with every leaf that a glob of `table` matches set to start + (end - start) · s /
+    (steps - 1) at step s (clipped to [start, end]), under stop_gradient: the loss sees the
+    scheduled value, the gradient and so the optimiser's update of that leaf are 0."""
+    if not table:
+        return params
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(steps - 1, 1), 0.0, 1.0)
+
+    def set_leaf(path, leaf):
+        name = _path(path)
+        for pat, start, end in table:
+            if fnmatch.fnmatchcase(name, pat):
+                value = start + (end - start) * frac
+                return jax.lax.stop_gradient(jnp.full(leaf.shape, value, leaf.dtype))
+        return leaf
+    return jax.tree_util.tree_map_with_path(set_leaf, params)
 
 
 def _scale_updates(scales) -> optax.GradientTransformation:

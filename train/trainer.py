@@ -46,8 +46,10 @@ BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids")
 
 def make_train_step(graphdef, opt: optax.GradientTransformation, *,
                     aux_weights: Mapping[str, float] | None = None, grad_accum: int = 1,
-                    dropout_seed: int | None = None, batch_spec: P | None = None):
+                    dropout_seed: int | None = None, batch_spec: P | None = None,
+                    anneal: tuple = (), steps: int = 1):
     """step(params, opt_state, step, batch) -> (params, opt_state, step + 1, metrics).
+    `anneal` (train.optim.parse_anneal's table) sets its parameters from the step first.
 
     metrics: loss (objective), ce (mean cross-entropy over loss_mask), ce_sum, n_tokens,
     aux/<name> (mean over micro-batches), grad_norm.
@@ -72,6 +74,7 @@ def make_train_step(graphdef, opt: optax.GradientTransformation, *,
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step_fn(params, opt_state, step, batch):
+        params = optim.anneal(params, anneal, step, steps)
         batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
         if "loss_mask" not in batch:
             batch["loss_mask"] = jnp.ones(batch["inputs"].shape, jnp.float32)
@@ -169,9 +172,14 @@ def build_setup(cfg, model_cfg, devices=None) -> Setup:
     abstract_opt = jax.eval_shape(opt.init, abstract_params)
     o_sh = optim.opt_state_shardings(opt, abstract_opt, p_sh, mesh)
     t = cfg.train
+    table = optim.parse_anneal(t.get("anneal", ""))
+    try:
+        optim.check_anneal(abstract_params, table)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
     step = make_train_step(graphdef, opt, aux_weights=dict(t.aux_weights), grad_accum=t.grad_accum,
                            dropout_seed=(t.seed + 1 if t.dropout else None),
-                           batch_spec=sh.BATCH_AXES_SPEC)
+                           batch_spec=sh.BATCH_AXES_SPEC, anneal=tuple(table), steps=int(t.steps))
     fpt = mfu_lib.flops_per_token(name, model_cfg, cfg.data.seq_len)
     return Setup(cfg=cfg, model_name=name, model_cfg=model_cfg, mesh=mesh, graphdef=graphdef,
                  abstract_params=abstract_params, param_shardings=p_sh, opt=opt,
@@ -203,7 +211,8 @@ def eval_shape_step(cfg, model_cfg=None):
     opt_state = jax.eval_shape(opt.init, params)
     t = cfg.train
     step = make_train_step(graphdef, opt, aux_weights=dict(t.aux_weights), grad_accum=t.grad_accum,
-                           dropout_seed=(t.seed + 1 if t.dropout else None))
+                           dropout_seed=(t.seed + 1 if t.dropout else None),
+                           anneal=tuple(optim.parse_anneal(t.get("anneal", ""))), steps=int(t.steps))
     new_p, _, _, metrics = jax.eval_shape(step, params, opt_state,
                                           jax.ShapeDtypeStruct((), jnp.int32), abstract_batch(cfg))
     return params, new_p, metrics
