@@ -104,6 +104,15 @@ def call_flags(pos, mask, segment_ids, B: int, T: int):
     return real, starts, next_pos
 
 
+def check_heads(dim: int, n_heads: int, *, rope: bool = False) -> None:
+    """Config validation of `model.dim` split over `model.n_heads` heads (and, with `rope`, an even
+    head dim for RoPE): one ValueError line naming the keys."""
+    if dim % n_heads:
+        raise ValueError(f"model.dim={dim} is not divisible by model.n_heads={n_heads}")
+    if rope:
+        check_rope_head_dim(dim // n_heads, f"model.dim={dim} / model.n_heads={n_heads}")
+
+
 def check_rope_head_dim(head_dim: int, source: str, hint: str = "") -> None:
     """Config validation: one ValueError line when RoPE would get an odd head dim; `source` says
     where the head dim comes from (e.g. "model.dim=130 / model.n_heads=2")."""

@@ -11,8 +11,9 @@ Pluggable parts (all plain functions of ONE head and ONE token; the op vmaps the
 
 * memory architecture  `memory_fn(outer_h, W_h, x[dk]) -> y[dv]`; `W_h` is any pytree of weights
   (the recurrent state), `outer_h` the per-head outer-loop parameters (e.g. the memory LayerNorm).
-  Built in: `linear_memory` (`y = x W["w"]`), `mlp_memory` (`x + LN(act(x W1) ... WL)`, residual
-  and LayerNorm optional, depth/expansion from the config).
+  Built in (layers/memory_nets.py): `linear_memory` (`y = x W["w"]`), `mlp_memory` (`x +
+  LN(act(x W1) ... WL)`, residual and LayerNorm optional, depth/expansion from the config), and
+  Atlas++'s `gated_mlp_memory`.
 * attentional bias / inner objective  `signal_fn(pred[dv], v[dv], extra_t) -> dloss/dpred`
   (the output signal that is back-propagated through the memory; one VJP per token).
   Built in: `l2_signal` (½‖pred − v‖²), `dot_signal` (−⟨pred, v⟩). `signal_from_loss(loss)` turns
@@ -62,74 +63,14 @@ from flax import nnx, struct
 from layers.common import doc_starts, normal, param, real_mask, token_positions
 from layers.conv import CausalConv1d, causal_conv1d
 from layers.linear import Dense
+from layers.memory_nets import _GatedMLPMemory, _MLPMemory, linear_memory
 from layers.norms import gated_rms_norm, l2_norm
 from pallas_kernels import neural_memory as nm_op
 from pallas_kernels.impl import check as check_impl
-from pallas_kernels.neural_memory import Layered, MemoryRule, MemoryState
+from pallas_kernels.neural_memory import MemoryRule, MemoryState
 
 Array = jax.Array
 PyTree = Any
-
-# ----------------------------------------------------------------------------- memory networks
-
-
-@dataclass(frozen=True)
-class LinearMemory:
-    """Matrix memory `y = x W["w"]` (row convention, W [dk, dv])."""
-    layered = Layered(names=("w",))
-
-    def __call__(self, outer, W, x):
-        del outer
-        return x @ W["w"]
-
-
-linear_memory = LinearMemory()
-
-
-def mlp_memory(outer, W, x, *, act: Callable = jax.nn.gelu, residual: bool = True,
-               layer_norm_eps: float | None = 1e-5):
-    """Deep memory `x + LN(act(x W1) W2 ... WL)` (activation between layers only; no biases).
-
-    W: {"w1": [dk, h], ..., "wL": [h, dv]}; outer: {"ln_w": [dv], "ln_b": [dv]} when the
-    LayerNorm is on (its affine parameters are outer-loop parameters). The residual adds the
-    first dv coordinates of x (dk == dv for Titans).
-    """
-    L = len(W)
-    h = x
-    for i in range(1, L + 1):
-        h = h @ W[f"w{i}"]
-        if i < L:
-            h = act(h)
-    return mlp_head(outer, h, x, residual=residual, layer_norm_eps=layer_norm_eps)
-
-
-def mlp_head(outer, z, x, *, residual: bool = True, layer_norm_eps: float | None = 1e-5):
-    """The part of `mlp_memory` after its last linear layer: LayerNorm (outer affine), then the
-    residual of the first dv coordinates of the input x."""
-    if layer_norm_eps is not None:
-        z = _memory_layer_norm(z, outer["ln_w"], outer["ln_b"], layer_norm_eps)
-    return z + x[..., : z.shape[-1]] if residual else z
-
-
-def _memory_layer_norm(x, w, b, eps):
-    """LayerNorm over the last dim in the inner-loop precision (float32, float64 for float64)."""
-    mu = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
-    return (x - mu) * jax.lax.rsqrt(var + eps) * w + b
-
-
-def gelu_exact(x):
-    return jax.nn.gelu(x, approximate=False)
-
-
-def gated_mlp_memory(outer, W, x, *, residual: bool = True,
-                     layer_norm_eps: float | None = 1e-5):
-    """Atlas++'s gated MLP memory (atlas.md §2.2, Eq. 43): x_res + LN((GELU(x W2) ⊙ (x W3)) W1)
-    (the LayerNorm before the residual add is the spec's [choice], for parity with
-    `mlp_memory`). W: {"w2": [dk, h], "w3": [dk, h], "w1": [h, dv]}; no biases."""
-    z = (gelu_exact(x @ W["w2"]) * (x @ W["w3"])) @ W["w1"]
-    return mlp_head(outer, z, x, residual=residual, layer_norm_eps=layer_norm_eps)
-
 
 # ----------------------------------------------------------------------------- inner objectives
 
@@ -246,33 +187,6 @@ def memory_fn_of(cfg: NeuralMemoryConfig) -> Callable:
 def has_memory_ln(cfg: NeuralMemoryConfig) -> bool:
     """Whether the memory network ends in a LayerNorm (its affine parameters outer-loop)."""
     return cfg.memory != "linear" and cfg.memory_ln
-
-
-@dataclass(frozen=True)
-class _GatedMLPMemory:
-    """`gated_mlp_memory` (not a chain of layers: the chunked form materialises its weights)."""
-    residual: bool
-    ln_eps: float | None
-
-    def __call__(self, outer, W, x):
-        return gated_mlp_memory(outer, W, x, residual=self.residual, layer_norm_eps=self.ln_eps)
-
-
-@dataclass(frozen=True)
-class _MLPMemory:
-    residual: bool
-    ln_eps: float | None
-
-    def __call__(self, outer, W, x):
-        return mlp_memory(outer, W, x, act=gelu_exact, residual=self.residual,
-                          layer_norm_eps=self.ln_eps)
-
-    def head(self, outer, z, x):
-        return mlp_head(outer, z, x, residual=self.residual, layer_norm_eps=self.ln_eps)
-
-    @property
-    def layered(self) -> Layered:
-        return Layered(act=gelu_exact, head=self.head)
 
 
 def signal_of(cfg: NeuralMemoryConfig) -> Callable:

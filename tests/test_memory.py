@@ -20,7 +20,8 @@ import pytest
 from asserts import assert_close
 from flax import nnx
 
-from layers.memory import NeuralMemory, NeuralMemoryConfig, _MLPMemory, l2_signal, linear_memory
+from layers.memory import NeuralMemory, NeuralMemoryConfig, l2_signal
+from layers.memory_nets import _MLPMemory, linear_memory
 from pallas_kernels.neural_memory import MemoryRule, chunked, init_state
 from pallas_kernels.neural_memory import neural_memory as _nm
 from pallas_kernels.neural_memory.reference import layered_of

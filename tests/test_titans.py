@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from layers.memory import NeuralMemory, NeuralMemoryConfig, dot_signal, l2_signal, linear_memory
+from layers.memory import NeuralMemory, NeuralMemoryConfig, dot_signal, l2_signal
+from layers.memory_nets import linear_memory
 from layers.titans import MACMixer
 from pallas_kernels.gated_delta import gated_delta as _gd
 from pallas_kernels.neural_memory import MemoryRule, init_state

@@ -33,18 +33,18 @@ from dataclasses import dataclass
 from flax import nnx
 
 from layers.atlas import AtlasMemory
-from layers.common import check_block, check_impl, check_rope_head_dim
-from layers.memory import MEMORIES, NeuralMemoryConfig
-from layers.memory_counts import XLA_FLOPS_RANGE, XLA_FLOPS_RANGE_ONLINE_GD
-from layers.mlp import llama_ffn_dim
-from layers.norms import RMSNorm
-from layers.titans import (
+from layers.common import check_block, check_heads, check_impl, check_rope_head_dim
+from layers.hybrids import (
     HYBRIDS,
     MAL_LAYOUTS,
     hybrid_mixer_counts,
     hybrid_mixer_flops,
     hybrid_mixers,
 )
+from layers.memory import MEMORIES, NeuralMemoryConfig
+from layers.memory_counts import XLA_FLOPS_RANGE, XLA_FLOPS_RANGE_ONLINE_GD
+from layers.mlp import llama_ffn_dim
+from layers.norms import RMSNorm
 from zoo.lm import (
     CausalLM,
     build_lm,
@@ -90,7 +90,7 @@ class MemoryLMConfig:
     impl: str = "auto"              # op neural_memory (and attention, hybrids)
     max_resets: int = 4
     # the hybrids (atlas.md §3, miras.md §3: "exactly as" Titans' MAG / MAL, titans.md §3.5-3.6,
-    # built by the same hosts, layers.titans.hybrid_mixers): none | mag | mal
+    # built by the same hosts, layers.hybrids.hybrid_mixers): none | mag | mal
     hybrid: str = "none"
     attn_window: int = 64           # W of the hybrids' sliding-window attention (W + 1 keys)
     attn_heads: int | None = None   # the hybrids' attention heads (None: n_heads)
@@ -126,8 +126,7 @@ class MemoryLMConfig:
                                 "default model.n_heads)")
         if self.memory not in MEMORIES:
             raise ValueError(f"model.memory={self.memory!r} is not one of {MEMORIES}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        check_heads(self.dim, self.n_heads)
         if self.chunk < 1:
             raise ValueError(f"model.chunk={self.chunk} must be >= 1")
 
@@ -191,7 +190,7 @@ class MemoryLMConfig:
         forward FLOPs (its class's `flops`, e.g. `layers.memory_counts.neural_memory_flops` with the
         variant's parts) + the SwiGLU's 6 D F] + the head's 2 D V). The memory's work per token
         does not depend on `seq_len`; a hybrid's hosts add theirs
-        (`layers.titans.hybrid_mixer_flops`: the window attention, the persistent tokens)."""
+        (`layers.hybrids.hybrid_mixer_flops`: the window attention, the persistent tokens)."""
         cls, args = self.memory_layer()
         mem = cls.flops(self.memory_config(), **args)
         mixers = ([mem] * self.n_layers if self.hybrid == "none"
@@ -296,7 +295,7 @@ def build_omeganet(cfg: OmegaNetConfig, rngs: nnx.Rngs) -> CausalLM:
 @dataclass(frozen=True)
 class AtlasPPConfig(AtlasConfig):
     """Atlas++ (atlas.md §2.2, Eq. 43; Table 2's row): Atlas with the gated MLP memory
-    x_res + LN((GELU(x W2) ⊙ (x W3)) W1) (`layers.memory.gated_mlp_memory`)."""
+    x_res + LN((GELU(x W2) ⊙ (x W3)) W1) (`layers.memory_nets.gated_mlp_memory`)."""
     memory: str = "gated_mlp"
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from flax import nnx
 
-from layers.common import check_block, check_impl, check_rope_head_dim
+from layers.common import check_block, check_heads, check_impl
 from layers.deep_phi import DeepPhiMixer, deep_phi_extra_params, deep_phi_mixer_flops
 from layers.deep_transformer import DeepTransformerMixer, deep_transformer_mixer_flops
 from layers.dot import DotMixer, dot_mixer_flops
@@ -77,12 +77,9 @@ class DeepTransformerConfig:
                              "on φ*) or 2 (the flagged two-layer construction)")
         if self.memory_hidden is not None and self.memory_hidden < 1:
             raise ValueError(f"model.memory_hidden={self.memory_hidden} must be >= 1")
-        if self.dim % self.n_heads:
-            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"model.window={self.window} must be >= 1 (tokens kept, c)")
-        check_rope_head_dim(self.dim // self.n_heads,
-                            f"model.dim={self.dim} / model.n_heads={self.n_heads}")
+        check_heads(self.dim, self.n_heads, rope=True)
 
     @property
     def hd(self) -> int:
@@ -192,10 +189,7 @@ class DotConfig:
 
     def validate(self):
         check_impl(self.impl, ("kernel_delta",))
-        if self.dim % self.n_heads:
-            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
-        check_rope_head_dim(self.dim // self.n_heads,
-                            f"model.dim={self.dim} / model.n_heads={self.n_heads}")
+        check_heads(self.dim, self.n_heads, rope=True)
         if not 0 < self.kernel_scale <= 0.69:
             raise ValueError(f"model.kernel_scale={self.kernel_scale} must be in (0, 0.69]: a "
                              "write is contractive only while η·exp(s) <= 2 (η <= 1)")

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.common import check_block, check_impl, fold, real_mask, token_positions
+from layers.common import check_block, check_heads, check_impl, fold, real_mask, token_positions
 from layers.hydra import HydraBlock
 from layers.hydra_ssm import HydraSSM, hydra_ssm_params
 from layers.moe import MoE, chunk_route_features, moe_flops
@@ -92,11 +92,7 @@ class HydraConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"model.{key}={v!r} must be a positive integer")
-        if self.dim % self.n_heads:
-            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
-        if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"model.dim={self.dim} / model.n_heads={self.n_heads} gives an odd "
-                             "head dim: RoPE needs an even head dim")
+        check_heads(self.dim, self.n_heads, rope=True)
         if self.window < 0 or self.n_global < 0:
             raise ValueError(f"model.window={self.window} and model.n_global={self.n_global} "
                              "must be >= 0")

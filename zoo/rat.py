@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from flax import nnx
 
 from layers.attention import Attention, attention_mixer_flops
-from layers.common import check_block, check_impl, check_rope_head_dim
+from layers.common import check_block, check_heads, check_impl, check_rope_head_dim
 from layers.mlp import GeluMLP, SwiGLU, gelu_mlp_flops, swiglu_flops
 from layers.norms import RMSNorm
 from layers.rat import RATMixer, rat_mixer_count, rat_mixer_flops
@@ -47,8 +47,7 @@ class RATConfig:
     remat: str = "none"
 
     def validate(self):
-        if self.dim % self.n_heads:
-            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        check_heads(self.dim, self.n_heads)
         if self.n_heads % self.n_groups:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of "
                              f"model.n_groups={self.n_groups}")

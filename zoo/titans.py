@@ -31,6 +31,13 @@ from dataclasses import dataclass
 from flax import nnx
 
 from layers.common import check_block, check_impl, check_rope_head_dim
+from layers.hybrids import (
+    MAL_LAYOUTS,
+    hybrid_mixer_counts,
+    hybrid_mixer_flops,
+    hybrid_mixers,
+    prefixed,
+)
 from layers.memory import NeuralMemory, NeuralMemoryConfig
 from layers.memory_counts import (
     XLA_FLOPS_RANGE,
@@ -42,13 +49,8 @@ from layers.memory_counts import (
 from layers.mlp import llama_ffn_dim
 from layers.norms import RMSNorm
 from layers.titans import (
-    MAL_LAYOUTS,
     MACMixer,
-    hybrid_mixer_counts,
-    hybrid_mixer_flops,
-    hybrid_mixers,
     mac_mixer_flops,
-    prefixed,
     prefixed_memory_flops,
 )
 from zoo.lm import (
@@ -146,7 +148,7 @@ class TitansConfig:
                         rngs=rngs, init_std=self.init_std)
 
     def hybrid(self, kind: str, rngs: nnx.Rngs) -> list[nnx.Module]:
-        """The MAG / MAL mixers of `layers.titans.hybrid_mixers` around this memory."""
+        """The MAG / MAL mixers of `layers.hybrids.hybrid_mixers` around this memory."""
         return hybrid_mixers(kind, self.memory_factory(), n_layers=self.n_layers, dim=self.dim,
                              n_heads=self.n_attn_heads, window=self.window,
                              n_persistent=self.n_persistent, rngs=rngs,
