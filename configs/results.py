@@ -47,6 +47,9 @@ equal recurrent-state bytes (measured: 32,768 memory bytes per layer each; the s
 caches add 4,608 for GDN and 9,216 for MoM's per-memory convs); RAT at chunk 8 (8 chunks of the MQAR sequence) and, for the chunk
 trade-off on text, chunk 32 (`rat_l32`); the RAT hybrid with a 16-token window; GAM with 64 slots
 (its receptive field is N(k-1)+1 = 5 tokens: tasks.md §1 expects MQAR only above chance within it).
+MemMamba on Mamba's settings with a 16-note pool (its passkey claim against Mamba at 4x the
+training length); Hydra with every component at this width (SGA, chunk MoE with load balance
+0.01, PKM, workspace), MQAR and passkey against Mamba and the Transformer.
 
 `PAIRS` lists the (task, model label) cells the default invocation trains; `CLAIMS` the paper claims the
 table tests (docs/results.md states each held / not held / not testable here, with its cells).
@@ -122,15 +125,28 @@ MODELS = {
     "rat_l32": dict(model="rat", n_heads=2, n_groups=2, chunk=32, max_len=512),
     "rat_hybrid": dict(n_heads=2, n_groups=2, chunk=8, window=16, max_len=512),
     "gam": dict(n_slots=64, max_len=256),
+    # MemMamba on the `mamba` row's backbone (d_state 16) with a 16-note pool of d_s 32 and the
+    # cross-layer attention at layer 2; Hydra at 2 heads: SSM in both blocks, SGA at block 2
+    # (a 16-key window and 16 globals), the chunk MoE at block 2 (4 experts of hidden 256,
+    # top-2, chunks of 16), the PKM after block 1 (32 x 32 keys) and the workspace (16 slots,
+    # rank 32, chunks of 16)
+    "memmamba": dict(d_state=16, d_summary=32, pool_size=16, note_heads=2, cross_every=2,
+                     cross_layers=1),
+    "hydra": dict(n_heads=2, sga_every=2, window=15, n_global=16, moe_every=2, n_experts=4,
+                  moe_hidden=256, moe_chunk=16, pkm_layer=1, pkm_sub=32, pkm_key=32,
+                  pkm_value=64, pkm_heads=2, pkm_topk=4, workspace=True, ws_slots=16,
+                  ws_rank=32, ws_chunk=16),
 }
 # per-model training settings beside the task's (MoM: the Switch load-balancing weight of
 # configs/mom.py)
-MODEL_TRAIN = {m: {"aux_weights.load_balance": 1e-3}
-               for m in ("mom_gated_deltanet", "mom_linear_attention")}
+MODEL_TRAIN = {**{m: {"aux_weights.load_balance": 1e-3}
+                  for m in ("mom_gated_deltanet", "mom_linear_attention")},
+               "hydra": {"aux_weights.load_balance": 0.01}}     # the prototype's weight
 ACCEPTED = tuple(f"{t}-{m}" for t in TASKS for m in MODELS)
 PAIRS = (tuple(f"mqar-{m}" for m in MODELS if m not in ("atlas", "rat_l32"))
          + tuple(f"text-{m}" for m in ("transformer", "mamba", "mamba2", "lssl", "rat", "rat_l32"))
-         + tuple(f"passkey-{m}" for m in ("transformer", "mamba", "titans_lmm", "omeganet", "yaad")))
+         + tuple(f"passkey-{m}" for m in ("transformer", "mamba", "titans_lmm", "omeganet", "yaad",
+                                           "memmamba", "hydra")))
 # tests/test_configs.py eval_shapes every listed variant; the other models differ only in the
 # model section, which the conformance suite covers, so one model per task is listed (CI time).
 VARIANTS = tuple(f"{t}-transformer" for t in TASKS)
@@ -177,6 +193,10 @@ CLAIMS = (
           "(MQAR)", "mom.md §5.2",
           checks=((_c("mqar", "mom_gated_deltanet"), ">", _c("mqar", "gated_deltanet")),
                   (_c("mqar", "mom_linear_attention"), ">", _c("mqar", "linear_attention")))),
+    Claim("memmamba-passkey", "MemMamba retrieves the passkey beyond its training length where "
+          "Mamba fails (Table 2: 1.0 against Mamba's 0.0 from 32K on)", "memmamba.md §6.3",
+          checks=((_c("passkey", "memmamba", "acc@512"), ">", _c("passkey", "mamba", "acc@512")),
+                  (_c("passkey", "memmamba", "acc@512"), ">=", 0.9))),
     Claim("rat-chunk", "RAT's chunk trades quality for speed: a smaller chunk models text better "
           "(lower bits per byte; the speed side is docs/rat_bench.md)", "rat.md headline",
           checks=((_c("text", "rat"), "<", _c("text", "rat_l32")),)),

@@ -158,7 +158,9 @@ def state_bytes(name: str, model_cfg, seq_len: int) -> int:
 
     import zoo
     model = nnx.eval_shape(lambda: zoo.build(name, model_cfg))
-    state = jax.eval_shape(lambda: model.init_state(1, seq_len))
+    # built inside the trace: a state that starts from parameters (Hydra's m_{-1}, its
+    # workspace slots M_0) needs their values, which the abstract model does not hold
+    state = jax.eval_shape(lambda: zoo.build(name, model_cfg).init_state(1, seq_len))
     n = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)
             if jnp.issubdtype(x.dtype, jnp.floating))
     return int(n // max(1, len(model.blocks)))
