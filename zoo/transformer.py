@@ -156,7 +156,7 @@ def transformer_flops(cfg: TransformerConfig, seq_len: int) -> float:
                                        window=6, window_layers="odd", max_len=64, init_std=0.1),
               length=13, cuts=(1, 6, 7, 12),
               reference={"impl": "reference"},
-              fast=({"impl": "chunked", "block": 4},)))
+              fast=({"impl": "chunked", "block": 4}, {"impl": "pallas_interpret", "block": 8})))
 def build_transformer(cfg: TransformerConfig, rngs: nnx.Rngs) -> CausalLM:
     cfg.validate()
     # blocks are drawn after the embedding, positions and head (this family's parameter order)

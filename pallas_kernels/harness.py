@@ -1,0 +1,72 @@
+"""What every Pallas kernel of `pallas_kernels/` shares (DESIGN.md, three levels of every mixer):
+
+* `backend_of(impl)`: "interpret" for Impl.PALLAS_INTERPRET (the kernel's body run as XLA on
+  any platform: the CPU tests), else the platform the kernel lowers for, "tpu" (Mosaic) or
+  "gpu" (Triton); Impl.PALLAS on a CPU is one ValueError line, never a fallback.
+* `call(...)`: `pl.pallas_call` with that backend's compiler parameters (TPU: every grid
+  dimension "parallel" unless given; Triton: warps and stages) and `interpret` set.
+* `round_up`, `block_size`: block sizes are arguments that never change the function; inputs are
+  padded to whole blocks by the caller (padded keys are invalid, padded queries discarded).
+
+Every kernel keeps its state and accumulators in float32 whatever the input dtype, and is
+wrapped in a `jax.custom_vjp` whose backward is itself Pallas (`jax.grad` through a bare
+`pallas_call` fails); the residuals are what the backward kernels need (flash attention: the
+row log-sum-exp).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.impl import Impl, parse
+
+BACKENDS = ("interpret", "tpu", "gpu")
+
+
+def backend_of(impl: str | Impl, op: str) -> str:
+    impl = parse(impl)
+    if impl is Impl.PALLAS_INTERPRET:
+        return "interpret"
+    if impl is not Impl.PALLAS:
+        raise ValueError(f"{op}: impl={impl.value!r} is not a Pallas implementation")
+    platform = jax.default_backend()
+    if platform not in ("tpu", "gpu"):
+        raise ValueError(f"{op}: impl='pallas' needs a TPU or a GPU (this platform is "
+                         f"{platform}); impl='pallas_interpret' runs the same kernel here")
+    return platform
+
+
+def compiler_params(backend: str, grid_rank: int, semantics: Sequence[str] | None = None):
+    if backend == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+        return pltpu.CompilerParams(dimension_semantics=tuple(semantics or
+                                                              ("parallel",) * grid_rank))
+    if backend == "gpu":
+        from jax.experimental.pallas import triton as plt
+        return plt.CompilerParams(num_warps=4, num_stages=2)
+    return None
+
+
+def call(kernel, *, backend: str, grid: tuple[int, ...], in_specs: Sequence[Any],
+         out_specs: Any, out_shape: Any, name: str, semantics: Sequence[str] | None = None):
+    """`pl.pallas_call(kernel, ...)` for `backend` (one of BACKENDS)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{name}: backend {backend!r} is not one of {BACKENDS}")
+    params = compiler_params(backend, len(grid), semantics)
+    return pl.pallas_call(kernel, grid=grid, in_specs=list(in_specs), out_specs=out_specs,
+                          out_shape=out_shape, interpret=backend == "interpret", name=name,
+                          **({} if params is None else {"compiler_params": params}))
+
+
+def round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def block_size(requested: int, length: int, multiple: int = 8) -> int:
+    """The block used for `length` positions: `requested`, or the whole (rounded) length when it
+    is shorter. Never changes the function, only the padding and the grid."""
+    if requested < 1:
+        raise ValueError(f"block size {requested} must be >= 1")
+    return min(requested, round_up(max(length, 1), multiple))
