@@ -5,6 +5,11 @@
   "gpu" (Triton); Impl.PALLAS on a CPU is one ValueError line, never a fallback.
 * `call(...)`: `pl.pallas_call` with that backend's compiler parameters (TPU: every grid
   dimension "parallel" unless given; Triton: warps and stages) and `interpret` set.
+* `over_mesh(...)`: a kernel call under `jax.shard_map` when a mesh is set (`jax.set_mesh`, as
+  the trainer does): the batch dimension split over every mesh axis but `HEAD_AXIS`, the heads
+  over `HEAD_AXIS` ("tensor") when it divides them, everything else whole; each device runs the
+  kernel on its shard (a custom call cannot be partitioned by XLA). Without a mesh, or on one
+  device, the call is made as is.
 * `round_up`, `block_size`: block sizes are arguments that never change the function; inputs are
   padded to whole blocks by the caller (padded keys are invalid, padded queries discarded).
 
@@ -15,14 +20,17 @@ row log-sum-exp).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from typing import Any, Callable, Sequence
 
 import jax
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.impl import Impl, parse
 
 BACKENDS = ("interpret", "tpu", "gpu")
+HEAD_AXIS = "tensor"          # the mesh axis heads are split over (train.sharding's names)
 
 
 def backend_of(impl: str | Impl, op: str) -> str:
@@ -70,3 +78,29 @@ def block_size(requested: int, length: int, multiple: int = 8) -> int:
     if requested < 1:
         raise ValueError(f"block size {requested} must be >= 1")
     return min(requested, round_up(max(length, 1), multiple))
+
+
+def over_mesh(fn: Callable, args: Sequence[Any], kinds: Sequence[str], out_kinds: Sequence[str],
+              *, batch: int, heads: Sequence[int]):
+    """`fn(*args)`, under `jax.shard_map` over the current mesh when there is one. `kinds` (one
+    per arg, and `out_kinds` per output) says how an array's leading dims split: "bh" (batch,
+    heads, ...), "b" (batch, ...) or "r" (replicated). `batch` and `heads` (every head count
+    that is split) decide which axes can split them; an axis that does not divide them is not
+    used."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return fn(*args)
+    sizes = dict(mesh.shape)
+    b_axes = tuple(a for a in mesh.axis_names if a != HEAD_AXIS and sizes[a] > 1)
+    if batch % math.prod(sizes[a] for a in b_axes):
+        b_axes = ()
+    h = sizes.get(HEAD_AXIS, 1)
+    h_axis = HEAD_AXIS if h > 1 and all(n % h == 0 for n in heads) else None
+    if not b_axes and h_axis is None:
+        return fn(*args)
+    bspec = b_axes or None
+
+    def spec(kind):
+        return {"bh": P(bspec, h_axis), "b": P(bspec), "r": P()}[kind]
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(k) for k in kinds),
+                         out_specs=tuple(spec(k) for k in out_kinds), check_vma=False)(*args)

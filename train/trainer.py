@@ -337,7 +337,10 @@ class Trainer:
         except ValueError:   # not the main thread
             pass
         try:
-            return self._run(self.ckpts, writer, cfg_json)
+            # the mesh is set while the steps trace: Pallas kernels run per shard under it
+            # (pallas_kernels.harness.over_mesh)
+            with jax.set_mesh(self.s.mesh):
+                return self._run(self.ckpts, writer, cfg_json)
         finally:
             try:
                 mngr.wait_until_finished()

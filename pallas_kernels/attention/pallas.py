@@ -13,7 +13,8 @@ log-sum-exp (the backward's residual); the backward recomputes the probabilities
     p = exp(s − lse) on visible pairs,  dv = pᵀ do,  ds = p (do vᵀ − δ),  δ = rowsum(o ∘ do)
     dq = scale ds k,  dk = scale dsᵀ q,  dbias_j = Σ_i ds_ij
 
-dk, dv and dbias are written per query head and summed over the heads that share a kv head (or
+Under a mesh (`jax.set_mesh`, the trainer's) the call runs per shard (`harness.over_mesh`: batch
+over the data axes, heads over "tensor"). dk, dv and dbias are written per query head and summed over the heads that share a kv head (or
 the bias row) outside the kernel. Queries and keys are padded to whole blocks (padded keys are
 invalid, padded query rows are dropped); the block sizes never change the function. A query
 that sees no key outputs 0, like the reference.
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.harness import block_size, call, round_up
+from pallas_kernels.harness import block_size, call, over_mesh, round_up
 
 Array = jax.Array
 NEG = -1e30
@@ -271,6 +272,10 @@ def attention(q: Array, k: Array, v: Array, *, q_pos: Array, k_pos: Array, q_gro
         kb = pad(jnp.broadcast_to(k_bias, (B, k_bias.shape[1], S)).astype(jnp.float32), Sp, 2)
         kb = kb[:, :, None, :]
     cfg = (backend, bq, bk, scale, bool(causal), None if window is None else int(window))
-    o = _flash(cfg, qh, kh, vh, meta(q_pos, Tp), meta(q_group, Tp), meta(k_pos, Sp),
-               meta(k_group, Sp), meta(flags, Sp), kb)
+    per_head_bias = kb.shape[1] > 1
+    (o,) = over_mesh(lambda *a: (_flash(cfg, *a),),
+                     (qh, kh, vh, meta(q_pos, Tp), meta(q_group, Tp), meta(k_pos, Sp),
+                      meta(k_group, Sp), meta(flags, Sp), kb),
+                     ("bh", "bh", "bh", "b", "b", "b", "b", "b", "bh" if per_head_bias else "b"),
+                     ("bh",), batch=B, heads=(H, Hkv) + ((kb.shape[1],) if per_head_bias else ()))
     return jnp.swapaxes(o[:, :, :T], 1, 2)
