@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.attention import attention, pallas, reference
-from pallas_kernels.gated_delta import gated_delta
+from pallas_kernels.ssd import ssd
 
 B, H, HKV, D = 2, 4, 2, 16
 BLOCK = 32
@@ -94,9 +94,9 @@ def test_the_dispatcher_runs_the_kernel_and_refuses_it_where_it_cannot():
                                rtol=1e-5, atol=2e-6)
     with pytest.raises(ValueError, match="attention: impl='pallas' needs a TPU or a GPU"):
         attention(q, k, v, impl="pallas", **masks)
-    with pytest.raises(ValueError, match="gated_delta: impl='pallas_interpret' is not available"):
-        gated_delta(q, q, q, -jnp.ones(q.shape[:3]), 0.5 * jnp.ones(q.shape[:3]), scale=1.0,
-                    impl="pallas_interpret")
+    with pytest.raises(ValueError, match="ssd: impl='pallas_interpret' is not available"):
+        ssd(q, jnp.ones(q.shape[:3]), -jnp.ones((H,)), q[:, :, :1], q[:, :, :1],
+            impl="pallas_interpret")
 
 
 def _grad_fn(backend, block):

@@ -187,7 +187,10 @@ for _name, _cls in CONFIGS.items():
              conformance=ConformanceSpec(
                  config=_cls(**_TINY, **_TINY_EXTRA.get(_name, {})), length=13,
                  cuts=(1, 3, 4, 8, 12), reference={"impl": "reference"},
-                 fast=({"impl": "chunked", "block": 4},),
+                 fast=({"impl": "chunked", "block": 4},) + (
+                     # the gated-delta kernel in interpret mode (issue 18's conformance run)
+                     ({"impl": "pallas_interpret", "block": 4},) if _name == "gated_deltanet"
+                     else ()),
                  flops_config=_cls(**_FLOPS)))(build_linear_memory_lm)
 
 

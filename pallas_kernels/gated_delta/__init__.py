@@ -4,14 +4,21 @@ Used by MoM, DeltaNet and the Titans/ATLAS reduction tests. impl (`pallas_kernel
 reference (token scan), chunked (UT-transform chunks of `block` tokens, an implementation
 parameter), auto (reference for single-token steps and on CPU, chunked otherwise; measured with
 `python -m eval.bench` at T 256 on the 2-core CPU: the chunked form's training step took 12-89x
-the scan's for DeltaNet / Gated DeltaNet). No Pallas kernel yet: requesting one is an error.
+the scan's for DeltaNet / Gated DeltaNet), pallas (the kernels of `pallas.py` for this TPU or
+GPU, chunks of `block` tokens), pallas_interpret (the same kernels in interpret mode: the CPU
+tests); auto never picks the kernels until they are measured on an accelerator.
 """
 from __future__ import annotations
 
-from pallas_kernels.gated_delta import chunked, reference
+import jax.numpy as jnp
+
+from pallas_kernels.common import float_type
+from pallas_kernels.gated_delta import chunked, pallas, reference
+from pallas_kernels.harness import backend_of
 from pallas_kernels.impl import Impl, on_cpu, register_op, resolve
 
-AVAILABLE = register_op("gated_delta", (Impl.REFERENCE, Impl.CHUNKED))
+AVAILABLE = register_op("gated_delta", (Impl.REFERENCE, Impl.CHUNKED, Impl.PALLAS,
+                                        Impl.PALLAS_INTERPRET))
 
 
 def gated_delta(q, k, v, g, beta, *, scale: float, initial_state=None, impl: str | Impl = "auto",
@@ -21,5 +28,9 @@ def gated_delta(q, k, v, g, beta, *, scale: float, initial_state=None, impl: str
                    auto=lambda: Impl.REFERENCE if q.shape[1] == 1 or on_cpu() else Impl.CHUNKED)
     if impl is Impl.REFERENCE:
         return reference.gated_delta(q, k, v, g, beta, scale=scale, initial_state=initial_state)
-    return chunked.gated_delta(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                               block=block)
+    if impl is Impl.CHUNKED:
+        return chunked.gated_delta(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                   block=block)
+    o, S = pallas.gated_delta(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                              block=block, backend=backend_of(impl, "gated_delta"))
+    return o, S.astype(float_type(jnp.result_type(q, k, v, g, beta)))
