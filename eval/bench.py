@@ -16,6 +16,9 @@ A model name may carry config overrides of its own, `name@key=value+key=value` (
 `--decode` adds `decode_s`: the median latency of one generated token after a prefill of
 `seq_len` tokens (state / KV cache sized for seq_len + steps + 1). With several lengths, the
 table ends with the fitted exponents: the slope of log(time) against log(seq_len) per row kind.
+
+`--ops=attention,gated_delta` benches the ops instead of models: each Pallas kernel against its
+chunked XLA form (`--impls`, default chunked and the platform's kernel), eval/bench_ops.py.
 """
 from __future__ import annotations
 
@@ -130,7 +133,13 @@ def main(argv=None) -> int:
     ap.add_argument("--only_fast", action="store_true", help="skip reference forms (long lengths)")
     ap.add_argument("--decode", action="store_true", help="also time one decode step at seq_len")
     ap.add_argument("--out", default=None, help="append JSON rows to this file")
+    ap.add_argument("--ops", default="", help="bench these ops' kernels instead of models "
+                    "(eval/bench_ops.py: attention, gated_delta)")
+    ap.add_argument("--impls", default="", help="with --ops: implementations (default chunked "
+                    "and pallas, pallas_interpret on a CPU)")
     a = ap.parse_args(argv)
+    if a.ops:
+        return _bench_ops(a)
     try:
         names = [n for n in a.models.split(",") if n]
         for n in names:
@@ -184,6 +193,30 @@ def main(argv=None) -> int:
         print("\n| model | variant | time | exponent (log time / log seq_len) |\n|---|---|---|---|")
         for model, variant, key, slope in fits:
             print(f"| {model} | {variant} | {key} | {slope:.2f} |")
+    if a.out:
+        with open(a.out, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+def _bench_ops(a) -> int:
+    from eval import bench_ops
+    ops = [o for o in a.ops.split(",") if o]
+    kernel = "pallas_interpret" if jax.default_backend() == "cpu" else "pallas"
+    impls = [i for i in (a.impls or f"chunked,{kernel}").split(",") if i]
+    bad = [o for o in ops if o not in bench_ops.OPS]
+    if bad:
+        print(f"error: --ops: unknown op {bad[0]!r} (known: {', '.join(bench_ops.OPS)})",
+              file=sys.stderr)
+        return 2
+    try:
+        lens = [int(s) for s in a.seq_lens.split(",")]
+    except ValueError:
+        print(f"error: --seq_lens expects comma-separated integers, got {a.seq_lens!r}",
+              file=sys.stderr)
+        return 2
+    rows = bench_ops.run(ops, lens, a.batch, impls, a.steps)
     if a.out:
         with open(a.out, "a") as f:
             for row in rows:

@@ -29,3 +29,23 @@ def test_bench_model_overrides_decode_and_fitted_exponents():
     assert abs(fits["step_s"] - 1.0) < 1e-9 and abs(fits["decode_s"] - 2.0) < 1e-9
     cfg = bench.variants("rat", {"dim": 16, "n_layers": 1, "chunk": 4})[-1][1]
     assert bench.measure_decode("rat", cfg, batch=1, seq_len=6, steps=1) > 0
+
+
+def test_ops_bench_rows_and_bad_op(tmp_path, capsys):
+    """`--ops`: each kernel against its chunked form in one run (here the interpreter on a tiny
+    length: the mechanics, not the speed); an unknown op is one line and exit 2."""
+    import json
+
+    from eval import bench
+    out = tmp_path / "ops.jsonl"
+    assert bench.main(["--ops=attention,gated_delta", "--seq_lens=16", "--batch=1", "--steps=1",
+                       f"--out={out}"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["op"], r["impl"]) for r in rows] == [
+        ("attention", "chunked"), ("attention", "pallas_interpret"),
+        ("gated_delta", "chunked"), ("gated_delta", "pallas_interpret")]
+    for r in rows:
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["vs_chunked_fwd_bwd"] > 0
+    assert rows[0]["vs_chunked_fwd"] == 1.0
+    assert bench.main(["--ops=nope"]) == 2
+    assert "unknown op 'nope'" in capsys.readouterr().err
