@@ -184,14 +184,19 @@ def eval_args(proto, task: str, n_examples: int = 0) -> list[str]:
 
 def fingerprint(proto, cell: Cell, cfg, n_examples: int = 0) -> str:
     """What a cell is, as a short hash: its exact config without the checkpoint section (where a
-    run is stored is not what it trains) and the arguments it is scored with. A ledger record
+    run is stored is not what it trains), the arguments it is scored with and the scoring
+    versions of its eval tasks (`eval.tasks.Task.version`, where not 1). A ledger record
     with the same fingerprint is that cell, finished."""
     import hashlib
 
+    from eval.tasks import TASKS
     from train import config as C
     d = {k: v for k, v in C.to_jsonable(cfg).items() if k != "checkpoint"}
-    blob = json.dumps({"cell": dataclasses.asdict(cell), "config": d,
-                       "eval": eval_args(proto, cell.task, n_examples)}, sort_keys=True)
+    args = eval_args(proto, cell.task, n_examples)
+    names = [t for a in args if a.startswith("--tasks=") for t in a[8:].split(",")]
+    versions = {t: TASKS[t].version for t in names if TASKS[t].version != 1}
+    blob = json.dumps({"cell": dataclasses.asdict(cell), "config": d, "eval": args,
+                       **({"scoring": versions} if versions else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -101,8 +101,12 @@ def write(path, proto, cells, chosen, models, tasks, command) -> None:
     stem = os.path.splitext(path)[0]
     base = os.path.basename(stem)
     lines = ["# Results under the protocol", "",
-             f"Every number below was measured by this command on {jax.device_count()} × "
-             f"{jax.devices()[0].device_kind}, run outside CI:", "", f"    {command}", "",
+             f"Every number below was measured on {jax.device_count()} × "
+             f"{jax.devices()[0].device_kind}, outside CI, by the protocol's command (every "
+             "cell; cells already in the ledger are read, not retrained):", "",
+             "    python -m eval.table", "",
+             f"This file was last written by `{command}`; the cells of the other models and "
+             "tasks come from the ledger, written by earlier invocations.", "",
              "The protocol is `configs/results.py` (its docstring: fixed settings per task, the "
              "per-cell budget, rates, seeds, the models' own settings and why). It is resumable: "
              "a finished cell is read from its record, an interrupted one resumes from its "

@@ -22,8 +22,9 @@ Tasks (metrics):
 
 Lengths beyond a model's learned-position limit are not run: the setting gets one row with
 metric "skipped_over_max_len" whose value is the model's max_len. "len" is the number of
-positions the model must handle: the input length of teacher-forced tasks, prompt + generated
-tokens of generation tasks (zoo.lm.generate checks prompt + new <= max_len).
+positions the model must handle: the input length of teacher-forced tasks, prompt + generated - 1
+tokens of generation tasks (the last generated token is never fed; zoo.lm.generate checks
+prompt + new - 1 <= max_len).
 """
 from __future__ import annotations
 
@@ -123,6 +124,8 @@ def _in_batches(n: int, bs: int, fn: Callable[[np.ndarray], Any]) -> list:
 
 class Task:
     name: str = ""
+    version: int = 1          # bumped when the scoring of a setting changes (results ledgers
+                              # re-score cells scored by an older version: eval.protocol)
 
     def settings(self, run: Run, model: Model, opts: Options) -> list[Setting]:
         raise NotImplementedError
@@ -296,6 +299,9 @@ def byte_prompt(ids, model: Model) -> np.ndarray:
 
 class Passkey(Task):
     name = "passkey"
+    # 2: a token-format example of length L is the training rows' format at seq_len L (L input
+    # positions; version 1 built seq_len L - 1, one filler token short of the training rows)
+    version = 2
 
     def format(self, run, model, opts) -> str:
         if opts.passkey_format != "auto":
@@ -333,7 +339,7 @@ class Passkey(Task):
         from train.data import synthetic
         if fmt == "tokens":
             return synthetic.passkey_tokens_check(
-                seq_len=L - 1, num_digits=int(run.get("passkey_digits")),
+                seq_len=L, num_digits=int(run.get("passkey_digits")),
                 num_filler_tokens=int(run.get("passkey_filler_tokens")))
         try:
             synthetic.passkey_text(np.random.default_rng(0), length=L - 1 - opts.passkey_new,
@@ -347,9 +353,10 @@ class Passkey(Task):
         p = setting.params
         seed = _seed(run, opts)
         if p["format"] == "tokens":
-            # total positions = (seq_len - n + 1) prompt + n generated = seq_len + 1 = L
+            # the training rows' format at seq_len L: a prompt of L - n + 1 tokens and n
+            # generated, the last never fed: L positions (zoo.lm.generate)
             data = synthetic.generate(
-                synthetic.passkey_tokens, seed=seed, n=opts.n_examples, seq_len=p["length"] - 1,
+                synthetic.passkey_tokens, seed=seed, n=opts.n_examples, seq_len=p["length"],
                 depth=p["depth"], num_digits=int(run.get("passkey_digits")),
                 num_filler_tokens=int(run.get("passkey_filler_tokens")))
             start, n = scoring.answer_spans(data["labels"])

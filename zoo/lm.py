@@ -301,9 +301,10 @@ def loss(graphdef, params, batch: Mapping[str, Array], *, aux_weights: Mapping[s
 
 def check_generation_length(model: CausalLM, prompt_len: int, n_new: int,
                             max_len: int | None) -> None:
-    """Reject a decode that would pass a cache or learned-position limit, before tracing."""
-    model.check_length(0, prompt_len + n_new)
-    if max_len is not None and prompt_len + n_new > max_len:
+    """Reject a decode that would pass a cache or learned-position limit, before tracing. The
+    positions fed are the prompt and every new token but the last (sampled, never fed)."""
+    model.check_length(0, prompt_len + n_new - 1)
+    if max_len is not None and prompt_len + n_new - 1 > max_len:
         raise ValueError(f"prompt length {prompt_len} + {n_new} new tokens exceeds the cache "
                          f"max_len {max_len}")
 
