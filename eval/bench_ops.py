@@ -27,7 +27,7 @@ OPS = ("attention", "gated_delta")
 
 
 def _attention(B, T, impl, dtype):
-    from pallas_kernels.attention import attention
+    from zoo.ops import attention
     H, Hkv, d = 8, 2, 128
     ks = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(ks[0], (B, T, H, d), dtype)
@@ -43,7 +43,7 @@ def _attention(B, T, impl, dtype):
 
 
 def _gated_delta(B, T, impl, dtype):
-    from pallas_kernels.gated_delta import gated_delta
+    from zoo.ops import gated_delta
     H, dk, dv = 8, 128, 128
     ks = jax.random.split(jax.random.key(0), 5)
     q = jax.random.normal(ks[0], (B, T, H, dk), dtype)

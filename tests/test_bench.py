@@ -10,7 +10,7 @@ def test_bench_rows_and_errors(tmp_path, capsys):
                        "--set=dim=16,n_layers=1,block=8", f"--out={out}",
                        "--baseline=transformer"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["variant"] for r in rows] == ["reference", "impl=chunked"]
+    assert [r["variant"] for r in rows] == ["reference", "impl=chunked", "impl=pallas_interpret"]
     assert rows[0]["vs_ref"] == 1.0 and rows[0]["vs_transformer"] == 1.0
     assert all(r["tokens_per_s"] > 0 and r["seq_len"] == 16 for r in rows)
     assert "| transformer | reference | 16 |" in capsys.readouterr().out

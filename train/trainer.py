@@ -285,7 +285,8 @@ class Trainer:
         tot = {"ce_sum": 0.0, "n_tokens": 0.0, "correct": 0.0}
         n = 0
         for batch in self.val_iterator():
-            out = self.eval_fn(params, to_global(batch, self.s.mesh, self.s.batch_spec))
+            with jax.set_mesh(self.s.mesh):     # (as for the train step)
+                out = self.eval_fn(params, to_global(batch, self.s.mesh, self.s.batch_spec))
             for k in tot:
                 tot[k] += float(out[k])
             n += 1
@@ -337,10 +338,7 @@ class Trainer:
         except ValueError:   # not the main thread
             pass
         try:
-            # the mesh is set while the steps trace: Pallas kernels run per shard under it
-            # (pallas_kernels.harness.over_mesh)
-            with jax.set_mesh(self.s.mesh):
-                return self._run(self.ckpts, writer, cfg_json)
+            return self._run(self.ckpts, writer, cfg_json)
         finally:
             try:
                 mngr.wait_until_finished()
@@ -400,7 +398,10 @@ class Trainer:
             if k == start:
                 tc = time.perf_counter()
                 # compile ahead of time (an unknown aux weight name fails here, while tracing)
-                step_fn = self.step_fn.lower(params, opt_state, step, guard, batch).compile()
+                # the mesh is set while the step traces: Pallas kernels run per shard under it
+                # (pallas_kernels.harness.over_mesh)
+                with jax.set_mesh(s.mesh):
+                    step_fn = self.step_fn.lower(params, opt_state, step, guard, batch).compile()
                 compile_s = time.perf_counter() - tc
                 self.log(f"compiled the train step in {compile_s:.1f} s; "
                          f"{s.flops_per_token / 1e6:.2f} MFLOP/token (analytic)")

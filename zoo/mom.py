@@ -210,6 +210,11 @@ for _name, _cls in (("mom_gated_deltanet", MoMGatedDeltaNetConfig),
                  config=_cls(**_TINY), length=13, cuts=(1, 3, 4, 8, 12),
                  reference={"impl": "reference"}, fast=({"impl": "chunked"},),
                  check_margins=check_margins,
+                 # atol 3e-5: on this session's host the float32 token-by-token decode of
+                 # mom_gated_deltanet differs from the forward by 1.6e-5 on 1 of 2405 logits, at
+                 # this commit and at the last one that passed CI elsewhere (e73bfe9): host
+                 # rounding (XLA:CPU codegen), not a path difference; every other element < 1e-5
+                 atol=3e-5,
                  flops_config=_cls(**{**_TINY, "dim": 128, "block": 2, "n_layers": 1})))(
         _builder(_cls.kind))
 
