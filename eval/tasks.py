@@ -340,7 +340,9 @@ class Passkey(Task):
         if fmt == "tokens":
             return synthetic.passkey_tokens_check(
                 seq_len=L, num_digits=int(run.get("passkey_digits")),
-                num_filler_tokens=int(run.get("passkey_filler_tokens")))
+                num_filler_tokens=int(run.get("passkey_filler_tokens")),
+                filler=str(run.get("passkey_filler")),
+                distinct=bool(run.get("passkey_distinct")))
         try:
             synthetic.passkey_text(np.random.default_rng(0), length=L - 1 - opts.passkey_new,
                                    depth=0.5)
@@ -358,7 +360,9 @@ class Passkey(Task):
             data = synthetic.generate(
                 synthetic.passkey_tokens, seed=seed, n=opts.n_examples, seq_len=p["length"],
                 depth=p["depth"], num_digits=int(run.get("passkey_digits")),
-                num_filler_tokens=int(run.get("passkey_filler_tokens")))
+                num_filler_tokens=int(run.get("passkey_filler_tokens")),
+                filler=str(run.get("passkey_filler")),
+                distinct=bool(run.get("passkey_distinct")))
             start, n = scoring.answer_spans(data["labels"])
             prompts = [data["inputs"][i, :start[i] + 1] for i in range(len(start))]
             gen = _generate_all(model, prompts, int(n.max()), opts)

@@ -88,6 +88,7 @@ def test_defaults_and_vocab_sizes(tmp_path):
     (dict(source="passkey", passkey_digits=20, seq_len=30), r"^data\.seq_len=30 is too short"),
     (dict(source="passkey", passkey_format="words"), r"^data\.passkey_format"),
     (dict(source="passkey", passkey_depth=1.5), r"^data\.passkey_depth=1\.5"),
+    (dict(source="passkey", passkey_filler="noise"), r"^data\.passkey_filler='noise' is not one"),
     (dict(source="needle", needle_variant="niah_single_2"), r"^data\.needle_haystack_path"),
     (dict(source="needle", needle_variant="niah_multi"), r"^data\.needle_variant"),
     (dict(source="needle", seq_len=100), r"^data\.seq_len=100 is too short"),
@@ -152,6 +153,8 @@ def test_validate_files(tmp_path, token_files):
      dict(num_tokens_to_copy=4, vocab_size=16)),
     ("passkey", dict(passkey_depth=0.25), synthetic.passkey_tokens,
      dict(depth=0.25, num_filler_tokens=16)),
+    ("passkey", dict(passkey_filler="random"), synthetic.passkey_tokens,
+     dict(num_filler_tokens=16, filler="random")),
     ("needle", dict(seq_len=400), synthetic.needle_sequence, dict(variant="niah_single_1")),
 ])
 def test_synthetic_batches_are_the_generators_examples(source, kw, gen, gkw):

@@ -206,6 +206,58 @@ def test_passkey_tokens_layout():
                 assert abs(ex["depth"] - depth) <= 0.5 / n_f + 1e-9
 
 
+def test_passkey_tokens_random_filler():
+    """filler="random": the same layout and key as the pattern form (the key and depth are drawn
+    first), the filler i.i.d. over the F filler tokens: no fixed phase to locate the key by."""
+    F, n, T = 4, 5, 200
+    voc = S.passkey_token_vocab(F)
+    fills = []
+    for seed in range(6):
+        a = S.passkey_tokens(np.random.default_rng(seed), seq_len=T, depth=None, num_digits=n,
+                             num_filler_tokens=F, filler="random")
+        b = S.passkey_tokens(np.random.default_rng(seed), seq_len=T, depth=None, num_digits=n,
+                             num_filler_tokens=F)
+        check_common(a, T)
+        assert a["key"] == b["key"] and a["needle_position"] == b["needle_position"]
+        for k in ("targets", "loss_mask"):
+            np.testing.assert_array_equal(a[k], b[k])
+        x, ks, q = a["inputs"], a["needle_position"], a["prompt_len"] - 1
+        special = np.zeros(T, bool)
+        special[[0, q, *range(ks, ks + n + 2), *range(q + 1, T)]] = True
+        np.testing.assert_array_equal(x[special], b["inputs"][special])
+        fill = x[~special]
+        assert fill.min() >= voc["filler"] and fill.max() < voc["filler"] + F
+        fills.append(fill[:150])
+    counts = np.bincount(np.concatenate(fills) - voc["filler"], minlength=F)
+    assert counts.min() > 0.15 * counts.sum()          # all F tokens used, roughly uniformly
+    # not the repeating pattern (its successor rule holds for every pair), not one sequence
+    f0 = fills[0]
+    assert np.mean(f0[1:] == voc["filler"] + (f0[:-1] - voc["filler"] + 1) % F) < 0.5
+    assert not np.array_equal(fills[0], fills[1])
+    with pytest.raises(ValueError, match="passkey_filler='noise'"):
+        S.passkey_tokens(np.random.default_rng(0), seq_len=T, filler="noise")
+
+
+def test_passkey_tokens_distinct_keys():
+    """distinct=True: n distinct digits, the first non-zero; every digit appears in each position
+    over many draws (not a fixed subset); the layout is the usual one."""
+    n, T = 5, 40
+    seen = np.zeros((n, 10), int)
+    for seed in range(400):
+        ex = S.passkey_tokens(np.random.default_rng(seed), seq_len=T, num_digits=n,
+                              num_filler_tokens=4, filler="random", distinct=True)
+        check_common(ex, T)
+        d = ex["answer"]
+        assert len(set(d.tolist())) == n and d[0] != 0
+        assert int("".join(map(str, d))) == ex["key"]
+        ks = ex["needle_position"]
+        np.testing.assert_array_equal(ex["inputs"][ks + 1:ks + 1 + n], d)
+        seen[np.arange(n), d] += 1
+    assert (seen[0, 1:] > 0).all() and seen[0, 0] == 0 and (seen[1:] > 0).all()
+    with pytest.raises(ValueError, match="passkey_digits=11 must be <= 10"):
+        S.passkey_tokens(np.random.default_rng(0), seq_len=60, num_digits=11, distinct=True)
+
+
 def test_passkey_text_format_and_length():
     for length, depth in [(300, 0.0), (500, 0.5), (1000, 1.0), (777, None)]:
         ex = S.passkey_text(np.random.default_rng(length), length=length, depth=depth)

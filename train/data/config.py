@@ -48,6 +48,8 @@ def data_defaults() -> ConfigDict:
     c.passkey_format = "tokens"
     c.passkey_digits = 5
     c.passkey_filler_tokens = 16
+    c.passkey_filler = "pattern"   # tokens: "pattern" (§3.3's repeating filler) | "random"
+    c.passkey_distinct = False     # tokens: keys of distinct digits
     c.passkey_depth = -1.0     # in [0, 1]; < 0: uniform per example
     # needle (RULER S-NIAH, §4), byte-level
     c.needle_variant = "niah_single_1"   # niah_single_1 | niah_single_2 | niah_single_3
@@ -143,7 +145,8 @@ def validate(data_cfg) -> None:
         if fmt == "tokens":
             _prefixed(synthetic.passkey_tokens_check(
                 seq_len=T, num_digits=g("passkey_digits"),
-                num_filler_tokens=g("passkey_filler_tokens")))
+                num_filler_tokens=g("passkey_filler_tokens"), filler=g("passkey_filler"),
+                distinct=bool(g("passkey_distinct"))))
         else:
             try:
                 synthetic.passkey_sequence(np.random.default_rng(0), seq_len=T)

@@ -44,7 +44,8 @@ class SyntheticRows:
             if g("passkey_format") == "tokens":
                 self.fn, self.kw = synthetic.passkey_tokens, dict(
                     seq_len=self.T, depth=depth, num_digits=g("passkey_digits"),
-                    num_filler_tokens=g("passkey_filler_tokens"))
+                    num_filler_tokens=g("passkey_filler_tokens"), filler=g("passkey_filler"),
+                    distinct=bool(g("passkey_distinct")))
             else:
                 self.fn, self.kw = synthetic.passkey_sequence, dict(seq_len=self.T, depth=depth)
         elif self.src == "needle":

@@ -95,7 +95,15 @@ def passkey_token_vocab(num_filler_tokens: int) -> dict:
             "query": 13 + F, "vocab_size": 14 + F}
 
 
-def passkey_tokens_check(*, seq_len: int, num_digits: int, num_filler_tokens: int) -> str | None:
+PASSKEY_FILLERS = ("pattern", "random")
+
+
+def passkey_tokens_check(*, seq_len: int, num_digits: int, num_filler_tokens: int,
+                         filler: str = "pattern", distinct: bool = False) -> str | None:
+    if distinct and not 1 <= num_digits <= 10:
+        return f"passkey_digits={num_digits} must be <= 10 with passkey_distinct (distinct digits)"
+    if filler not in PASSKEY_FILLERS:
+        return f"passkey_filler={filler!r} is not one of {', '.join(PASSKEY_FILLERS)}"
     if num_digits < 1:
         return f"passkey_digits={num_digits} must be >= 1"
     if num_filler_tokens < 1:
@@ -107,37 +115,57 @@ def passkey_tokens_check(*, seq_len: int, num_digits: int, num_filler_tokens: in
 
 
 def passkey_tokens(rng: np.random.Generator, *, seq_len: int, depth: float | None = None,
-                   num_digits: int = 5, num_filler_tokens: int = 16) -> dict:
+                   num_digits: int = 5, num_filler_tokens: int = 16,
+                   filler: str = "pattern", distinct: bool = False) -> dict:
     """Passkey retrieval with abstract tokens (specs/tasks.md §3.3, the zoo's training format).
 
     Vocabulary (`passkey_token_vocab`): digits 0..9 = tokens 0..9, F filler tokens 10..9+F, then
     BOS, KEY_START, KEY_END, QUERY (`vocab_size = 14 + F`). The full sequence of length
     `seq_len + 1` is `BOS, filler[:n_p], KEY_START d1..dn KEY_END, filler[:n_f - n_p], QUERY,
-    d1..dn`, where filler is the fixed repeating pattern `10, 11, ..., 9+F, 10, ...` (both pieces
-    start at its beginning, like Landmark's prefix/suffix), `n_f` fills the length exactly and
+    d1..dn`, where filler is (`filler="pattern"`, §3.3 as written) the fixed repeating pattern
+    `10, 11, ..., 9+F, 10, ...` (both pieces start at its beginning, like Landmark's
+    prefix/suffix) or (`filler="random"`) i.i.d. uniform filler tokens drawn after the key and the
+    depth, which leaves no phase of the pattern to locate the key by (§3.4's filler knob; the
+    results protocol's choice: configs/results.py), `n_f` fills the length exactly and
     `n_p = round(depth * n_f)` (depth uniform in [0, 1] when None). The key is a fixed-n-digit
     number, uniform in [10^(n-1), 10^n - 1] (the "fixed 5-digit keys" choice of §3.1 for n=5).
     inputs = full[:-1], labels = full[1:] scored only at the n positions QUERY, d1..d(n-1), whose
-    targets are d1..dn (teacher forcing). Metric: exact match of all n digits.
+    targets are d1..dn (teacher forcing). Metric: exact match of all n digits. With
+    `distinct=True` the key's digits are distinct (first digit 1..9, then n - 1 of the other nine
+    without replacement): a key with a repeated digit cannot be copied by an induction head that
+    matches the current digit alone (the 2-layer Transformer's errors were exactly those keys:
+    configs/results.py), so `distinct` separates retrieval from that copy ambiguity.
 
     Metadata: "answer_positions" int32 [n], "answer" int32 [n] (the digits), "key" int,
     "needle_position" (index of KEY_START), "prompt_len" (= index of QUERY + 1: the prompt to
     feed before generating n digits), "depth" (realised n_p / n_f).
     """
     err = passkey_tokens_check(seq_len=seq_len, num_digits=num_digits,
-                               num_filler_tokens=num_filler_tokens)
+                               num_filler_tokens=num_filler_tokens, filler=filler,
+                               distinct=distinct)
     if err:
         raise ValueError(err)
     voc = passkey_token_vocab(num_filler_tokens)
     n = num_digits
-    key = int(rng.integers(10 ** (n - 1), 10 ** n))
-    digits = np.array([int(c) for c in str(key)], np.int64)
+    if distinct:
+        first = int(rng.integers(1, 10))
+        rest = rng.permutation(np.delete(np.arange(10), first))[:n - 1]
+        digits = np.concatenate([[first], rest]).astype(np.int64)
+        key = int("".join(map(str, digits)))
+    else:
+        key = int(rng.integers(10 ** (n - 1), 10 ** n))
+        digits = np.array([int(c) for c in str(key)], np.int64)
     n_f = seq_len + 1 - (1 + (n + 2) + 1 + n)
     d = _draw_depth(rng, depth)
     n_p = int(round(d * n_f))
-    pattern = voc["filler"] + np.arange(max(n_f, 1)) % num_filler_tokens
-    full = np.concatenate([[voc["bos"]], pattern[:n_p], [voc["key_start"]], digits,
-                           [voc["key_end"]], pattern[:n_f - n_p], [voc["query"]], digits])
+    if filler == "random":
+        fill = voc["filler"] + rng.integers(0, num_filler_tokens, size=n_f)
+        pre, post = fill[:n_p], fill[n_p:]
+    else:
+        pattern = voc["filler"] + np.arange(max(n_f, 1)) % num_filler_tokens
+        pre, post = pattern[:n_p], pattern[:n_f - n_p]
+    full = np.concatenate([[voc["bos"]], pre, [voc["key_start"]], digits,
+                           [voc["key_end"]], post, [voc["query"]], digits])
     assert full.size == seq_len + 1
     q = seq_len - n  # index of QUERY in full (and in inputs)
     labels = np.full(seq_len, IGNORE, np.int64)
