@@ -11,7 +11,10 @@ the device's peak (train.mfu: the vendor peak on TPU/GPU, the host's matmul prob
 rule 8 heads of 128 x 128 with normalised keys. FLOPs are the products' (2 per multiply-add):
 attention 4 B H T S d forward (the full score matrix, no causal halving), 2.5x that again for
 the backward (five products to the forward's two); the gated delta rule 6 B H T dk dv forward
-(k S, the rank-1 write, q S), 2x that again for the backward. On a CPU the kernels run only
+(k S, the rank-1 write, q S), 2x that again for the backward; the neural memory (Titans' matrix
+memory with momentum and forget gate, anchor chunk 16) 8 heads of 128 x 128, 10 B H T dk dv
+forward (k A, the gradient's outer product, the momentum and weight updates, q W), 2x that again
+for the backward. On a CPU the kernels run only
 in interpret mode (`--impls=chunked,pallas_interpret`): that measures the interpreter, not the
 kernel; the numbers that matter are an accelerator's.
 """
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-OPS = ("attention", "gated_delta")
+OPS = ("attention", "gated_delta", "neural_memory")
 
 
 def _attention(B, T, impl, dtype):
@@ -58,7 +61,29 @@ def _gated_delta(B, T, impl, dtype):
     return f, (q, k, v), 6.0 * B * H * T * dk * dv, 2.0
 
 
-CASES = {"attention": _attention, "gated_delta": _gated_delta}
+def _neural_memory(B, T, impl, dtype):
+    from zoo.ops import MemoryRule, init_state, l2_signal, linear_memory, neural_memory
+    H, dk, dv = 8, 128, 128
+    rule = MemoryRule(linear_memory, l2_signal, chunk=16)
+    ks = jax.random.split(jax.random.key(0), 6)
+    q = jax.random.normal(ks[0], (B, T, H, dk), dtype)
+    k = jax.random.normal(ks[1], (B, T, H, dk), jnp.float32)
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
+    v = jax.random.normal(ks[2], (B, T, H, dv), dtype)
+    log_ret = -jax.nn.softplus(jax.random.normal(ks[3], (B, T, H)))
+    lr = 0.1 * jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
+    log_mom = -jax.nn.softplus(jax.random.normal(ks[5], (B, T, H)))
+    W0 = {"w": jnp.zeros((H, dk, dv), jnp.float32)}
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+    def f(q, k, v):
+        return neural_memory(rule, None, W0, init_state(W0, B, dk, dv), q, k, v,
+                             log_ret=log_ret, lr=lr, log_mom=log_mom, pos=pos, reset=pos < 0,
+                             real=pos >= 0, impl=impl, block=64)[0]
+    return f, (q, k, v), 10.0 * B * H * T * dk * dv, 2.0
+
+
+CASES = {"attention": _attention, "gated_delta": _gated_delta, "neural_memory": _neural_memory}
 
 
 def _time(fn, args, steps):

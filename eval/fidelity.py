@@ -62,3 +62,109 @@ def hidden_states(model, tokens, *, mask=None) -> list:
     model.run_blocks(h0, (None,) * len(model.blocks), mask=mask, segment_ids=None, key=None,
                      hiddens=out)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# `python -m eval.fidelity`: the metrics of trained runs on their own held-out rows, plotted
+# ------------------------------------------------------------------------------------------------
+
+def run_fidelity(run_dir: str, *, shifts, n_rows: int = 32, seed: int = 1_000_003,
+                 seq_len: int | None = None, step: int | None = None) -> dict:
+    """ETMF_Δ for every Δ in `shifts` and ECLMF at every gap the depth allows, for checkpoint
+    `step` (None: the latest) of `run_dir`, on `n_rows` held-out rows of the run's own data section (data seed
+    `seed`; `seq_len` overrides the row length, e.g. beyond the training length)."""
+    from flax import nnx
+
+    from train import data as data_lib
+    from train.rundir import RunDir
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    name, _, graphdef, params = run.restore_params(step)
+    model = nnx.merge(graphdef, params)
+    data_cfg = cfg.data.copy_and_resolve_references()
+    if seq_len is not None:
+        data_cfg.seq_len = int(seq_len)
+    batch = next(data_lib.make_iterator(data_cfg, split="val", global_batch=n_rows, seed=seed))
+    tokens, mask = jnp.asarray(batch["inputs"]), None
+    T = tokens.shape[1]
+    bad = [s for s in shifts if not 0 <= s < T]
+    if bad:
+        raise ValueError(f"--shifts: {bad} not in [0, {T}) (the rows' length)")
+    logits = model(tokens)
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    hs = hidden_states(model, tokens, mask=mask)
+    emb = model.embed.embedding[...]
+    return {"run": run_dir, "model": name, "seq_len": T,
+            "step": run.steps()[-1] if step is None else int(step),
+            "etmf": {int(s): etmf(logits, tokens, emb, shift=int(s)) for s in shifts},
+            "eclmf": {g: eclmf(hs, g) for g in range(1, len(hs))}}
+
+
+def plot_fidelity(results: list[dict], path: str) -> str:
+    """ETMF_Δ against Δ and ECLMF against the layer gap, one line per run."""
+    from eval.plots import _save, plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in results:
+        label = f"{'/'.join(r['run'].rstrip('/').split('/')[-2:])}, T={r['seq_len']}"
+        xs = sorted(r["etmf"])
+        a.plot(xs, [r["etmf"][x] for x in xs], marker="o", label=label)
+        gs = sorted(r["eclmf"])
+        if gs:
+            b.plot(gs, [r["eclmf"][g] for g in gs], marker="o", label=label)
+    a.set_xlabel("shift Δ (tokens)")
+    a.set_ylabel("ETMF_Δ")
+    a.set_title("horizontal fidelity (memmamba.md §2.4)")
+    b.set_xlabel("layer gap")
+    b.set_ylabel("ECLMF")
+    b.set_title("vertical fidelity")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    return path
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import os
+    import sys
+
+    from train.errors import one_line
+    p = argparse.ArgumentParser(prog="python -m eval.fidelity", description=(
+        "MemMamba's fidelity metrics (ETMF_Δ, ECLMF) of trained runs on their held-out rows, "
+        "as JSON lines and one plot"))
+    p.add_argument("--run_dir", required=True, help="comma separated run directories")
+    p.add_argument("--shifts", default="0,1,2,4,8,16,32", help="ETMF shifts Δ")
+    p.add_argument("--n_rows", type=int, default=32)
+    p.add_argument("--seq_len", type=int, default=None, help="row length (default: the run's)")
+    p.add_argument("--seed", type=int, default=1_000_003, help="data seed of the rows")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--out", default="docs/fidelity.png", help="plot path (JSON beside it)")
+    a = p.parse_args(argv)
+    try:
+        shifts = [int(s) for s in a.shifts.split(",") if s]
+        dirs = [d for d in a.run_dir.split(",") if d]
+        for d in dirs:
+            if not os.path.isdir(d):
+                raise FileNotFoundError(f"--run_dir: no such directory: {d}")
+        results = [run_fidelity(d, shifts=shifts, n_rows=a.n_rows, seed=a.seed,
+                                seq_len=a.seq_len, step=a.step) for d in dirs]
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    jpath = os.path.splitext(a.out)[0] + ".jsonl"
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(jpath, "w") as f:
+        for r in results:
+            f.write(json.dumps(r) + "\n")
+            print(f"{r['model']:12s} T={r['seq_len']}  ETMF " + "  ".join(
+                f"Δ{s}:{v:.3f}" for s, v in r["etmf"].items()) + "  ECLMF " + "  ".join(
+                f"gap{g}:{v:.3f}" for g, v in r["eclmf"].items()))
+    print(f"plot: {plot_fidelity(results, a.out)}\njson: {jpath}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

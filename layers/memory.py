@@ -66,18 +66,14 @@ from layers.linear import Dense
 from layers.memory_nets import _GatedMLPMemory, _MLPMemory, linear_memory
 from layers.norms import gated_rms_norm, l2_norm
 from pallas_kernels import neural_memory as nm_op
+from pallas_kernels.impl import Impl
 from pallas_kernels.impl import check as check_impl
-from pallas_kernels.neural_memory import MemoryRule, MemoryState
+from pallas_kernels.neural_memory import MemoryRule, MemoryState, l2_signal  # noqa: F401  (re-exported)
 
 Array = jax.Array
 PyTree = Any
 
 # ----------------------------------------------------------------------------- inner objectives
-
-
-def l2_signal(pred, v, extra=None):
-    """½‖pred − v‖² → pred − v."""
-    return pred - v
 
 
 def dot_signal(pred, v, extra=None):
@@ -145,6 +141,7 @@ class NeuralMemoryConfig:
     init_std: float = 0.02
     memory_init_std: float | None = None   # None: 1/sqrt(fan_in) for MLP layers, 0 for linear
     impl: str = "auto"
+    block: int = 64                        # the kernels' token block (never changes the function)
     max_resets: int = 4
 
     @property
@@ -173,6 +170,19 @@ class NeuralMemoryConfig:
         if self.alpha_gate not in ("forget", "retain"):
             raise ValueError(f"alpha_gate={self.alpha_gate!r} is not one of ('forget', 'retain')")
         check_impl(self.impl, ("neural_memory",), key="impl")
+        check_memory_kernel(self.impl, make_rule(self), key="impl")
+
+
+def check_memory_kernel(impl: str, rule: MemoryRule | None, *, key: str = "model.impl") -> None:
+    """A kernel `impl` (pallas, pallas_interpret) for a memory its kernels cannot run is one line
+    naming `key` (`rule` None: a family whose rules the kernels do not cover)."""
+    if Impl(impl) not in (Impl.PALLAS, Impl.PALLAS_INTERPRET):
+        return
+    err = ("the kernels cover Titans' matrix memory only" if rule is None
+           else nm_op.kernel_error(rule))
+    if err:
+        raise ValueError(f"{key}={impl!r}: the neural_memory kernel cannot run this memory: "
+                         f"{err}")
 
 
 def memory_fn_of(cfg: NeuralMemoryConfig) -> Callable:
@@ -329,7 +339,7 @@ class NeuralMemory(nnx.Module):
             self.rule(), self.outer(), self.memory_init(), mem, q, k, v, log_ret=g["log_ret"],
             lr=g["lr"], log_mom=g["log_mom"], gamma=g["gamma"], extra=g["extra"], pos=pos,
             reset=starts, real=real, max_resets=self.cfg.max_resets if has_resets else None,
-            reset_to=reset_to, impl=self.cfg.impl)
+            reset_to=reset_to, impl=self.cfg.impl, block=self.cfg.block)
 
     def __call__(self, x, state=None, *, mask=None, segment_ids=None, context=None,
                  deterministic: bool = True, key=None,

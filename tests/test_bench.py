@@ -38,12 +38,13 @@ def test_ops_bench_rows_and_bad_op(tmp_path, capsys):
 
     from eval import bench
     out = tmp_path / "ops.jsonl"
-    assert bench.main(["--ops=attention,gated_delta", "--seq_lens=16", "--batch=1", "--steps=1",
+    assert bench.main(["--ops=attention,gated_delta,neural_memory", "--seq_lens=16", "--batch=1", "--steps=1",
                        f"--out={out}"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["op"], r["impl"]) for r in rows] == [
         ("attention", "chunked"), ("attention", "pallas_interpret"),
-        ("gated_delta", "chunked"), ("gated_delta", "pallas_interpret")]
+        ("gated_delta", "chunked"), ("gated_delta", "pallas_interpret"),
+        ("neural_memory", "chunked"), ("neural_memory", "pallas_interpret")]
     for r in rows:
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["vs_chunked_fwd_bwd"] > 0
     assert rows[0]["vs_chunked_fwd"] == 1.0

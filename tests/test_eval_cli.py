@@ -266,3 +266,34 @@ def test_eval_cli_runs_with_the_same_name_keep_apart(runs, tmp_path):
                  "--ppl_batches=1", "--batch_size=8", "--no_progress", "--no_plots"]) == 0
     rows = read_rows(str(tmp_path / "o" / "results.jsonl"))
     assert sorted({r["run"] for r in rows}) == [f"{tmp_path}/x/a", f"{tmp_path}/y/a"]
+
+
+def test_fidelity_cli_scores_the_runs_held_out_rows(runs, tmp_path, capsys):
+    """`python -m eval.fidelity`: ETMF_Δ at every requested shift and ECLMF at every layer gap
+    of a checkpoint equal the metrics computed directly on the run's held-out rows (data seed
+    --seed), written as JSON lines beside the plot; a shift beyond the rows is one line, exit 2."""
+    from eval import fidelity
+    out = tmp_path / "fid" / "f.png"
+    argv = [f"--run_dir={runs / 'a'}", "--shifts=0,1,5", "--n_rows=4", "--step=1", "--seed=7",
+            f"--out={out}"]
+    assert fidelity.main(argv) == 0
+    (rec,) = [json.loads(line) for line in open(tmp_path / "fid" / "f.jsonl")]
+    assert out.is_file() and rec["step"] == 1 and rec["seq_len"] == 64
+    run = RunDir(str(runs / "a"))
+    _, _, graphdef, params = run.restore_params(1)
+    model = nnx.merge(graphdef, params)
+    from train import data as data_lib
+    x = jnp.asarray(next(data_lib.make_iterator(run.read_config().data, split="val",
+                                                global_batch=4, seed=7))["inputs"])
+    hs = fidelity.hidden_states(model, x)
+    E = model.embed.embedding[...]
+    assert len(hs) == run.read_config().model.n_layers and len(hs) >= 2
+    for s in (0, 1, 5):
+        assert rec["etmf"][str(s)] == pytest.approx(fidelity.etmf(model(x)[0], x, E, shift=s), abs=1e-6)
+    assert set(rec["eclmf"]) == {str(g) for g in range(1, len(hs))}
+    assert rec["eclmf"]["1"] == pytest.approx(fidelity.eclmf(hs, 1), abs=1e-6)
+    assert len({round(v, 6) for v in rec["etmf"].values()}) > 1     # shifts differ
+    capsys.readouterr()
+    assert fidelity.main([f"--run_dir={runs / 'a'}", "--shifts=64", f"--out={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --shifts: [64] not in [0, 64)") and "\n" not in err

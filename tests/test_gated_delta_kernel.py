@@ -1,7 +1,7 @@
 """The gated-delta-rule Pallas kernels (pallas_kernels/gated_delta/pallas.py) in interpret mode
 against the reference scan: the output, the final state and every gradient (q, k, v, g, beta,
 the initial state) at lengths that are no multiple of the chunk (1, 63, 75, 200), with and
-without an initial state; bfloat16 inputs against the float32 reference; the jaxpr, TPU export
+without an initial state, with document resets (through the gate, as the models make them); bfloat16 inputs against the float32 reference; the jaxpr, TPU export
 and CUDA lowering hold the kernels (forward and backward); the dispatcher runs them."""
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,33 @@ def test_kernels_equal_the_reference_outputs_state_and_gradients(T, init):
     np.testing.assert_allclose(s2, s1, rtol=1e-5, atol=1e-6)
     for name, a, b in zip("q k v g beta s0".split(), g2, g1):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_resets_through_the_gate():
+    """Document resets as the models make them (layers.linear_memory: the log-decay of a
+    document's first token is RESET_LOG_DECAY, exp == 0): the kernel equals the reference
+    (outputs, state, every gradient, all finite) and each document equals the kernel run on that
+    document alone from a zero state; resets mid-chunk and on a chunk boundary (block 16)."""
+    from layers.linear_memory import RESET_LOG_DECAY
+    T, starts = 75, (16, 21, 50)
+    args, cot = inputs(T, init=True, seed=11)
+    g = args[3].at[:, list(starts)].set(RESET_LOG_DECAY)
+    args = (*args[:3], g, *args[4:])
+    (o1, s1), g1 = jax.jit(lambda a: value_and_grads(reference.gated_delta, a, cot))(args)
+    (o2, s2), g2 = jax.jit(lambda a: value_and_grads(kernel, a, cot))(args)
+    np.testing.assert_allclose(o2, o1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s2, s1, rtol=1e-5, atol=1e-6)
+    for name, a, b in zip("q k v g beta s0".split(), g2, g1):
+        assert np.isfinite(np.asarray(a)).all(), name
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
+    # nothing of the initial state or an earlier document reaches a later one
+    assert float(jnp.abs(g2[5]).max()) > 0          # it reaches the first document
+    bounds = (0, *starts, T)
+    for lo, hi in zip(bounds[1:-1], bounds[2:]):
+        piece = tuple(a[:, lo:hi] for a in args[:5])
+        o_alone, s_alone = kernel(*piece, scale=0.5, initial_state=None)
+        np.testing.assert_allclose(o2[:, lo:hi], o_alone, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s2, s_alone, rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_inputs_against_the_float32_reference():

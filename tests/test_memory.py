@@ -278,8 +278,11 @@ def test_config_validates_impl_naming_the_key():
     NeuralMemoryConfig(dim=8, n_heads=2, impl="chunked").validate()
     with pytest.raises(ValueError, match=r"^impl='cuda' is not one of"):
         NeuralMemoryConfig(dim=8, n_heads=2, impl="cuda").validate()
-    with pytest.raises(ValueError, match=r"^impl='pallas': op 'neural_memory'"):
+    # the kernels cover the matrix memory (l2, window 1) only: the MLP memory is one line
+    with pytest.raises(ValueError, match=r"^impl='pallas': the neural_memory kernel cannot run "
+                                         r"this memory: its memory is not the matrix memory"):
         NeuralMemoryConfig(dim=8, n_heads=2, impl="pallas").validate()
+    NeuralMemoryConfig(dim=8, n_heads=2, memory="linear", impl="pallas_interpret").validate()
 
 
 MEMORY_MODELS = ("titans_lmm", "titans_mac", "titans_mag", "titans_mal", "atlas", "omeganet",

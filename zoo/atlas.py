@@ -41,7 +41,7 @@ from layers.hybrids import (
     hybrid_mixer_flops,
     hybrid_mixers,
 )
-from layers.memory import MEMORIES, NeuralMemoryConfig
+from layers.memory import MEMORIES, NeuralMemoryConfig, check_memory_kernel
 from layers.memory_counts import XLA_FLOPS_RANGE, XLA_FLOPS_RANGE_ONLINE_GD
 from layers.mlp import llama_ffn_dim
 from layers.norms import RMSNorm
@@ -110,6 +110,7 @@ class MemoryLMConfig:
                              f"{('none',) + HYBRIDS}")
         check_impl(self.impl, ("neural_memory",) if self.hybrid == "none"
                    else ("neural_memory", "attention"))
+        check_memory_kernel(self.impl, None)
         check_block(self.block)
         if self.hybrid != "none":
             if self.mal_layout not in MAL_LAYOUTS:

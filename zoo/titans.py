@@ -38,7 +38,7 @@ from layers.hybrids import (
     hybrid_mixers,
     prefixed,
 )
-from layers.memory import NeuralMemory, NeuralMemoryConfig
+from layers.memory import NeuralMemory, NeuralMemoryConfig, check_memory_kernel, make_rule
 from layers.memory_counts import (
     XLA_FLOPS_RANGE,
     memory_qkv_flops,
@@ -96,7 +96,8 @@ class TitansConfig:
     rope_base: float = 10000.0
     max_len: int = 2048              # attention KV-cache length where it is not windowed
     impl: str = "auto"               # ops neural_memory and (MAC/MAG/MAL) attention
-    block: int = 128                 # attention key block (MAC/MAG/MAL; never changes the function)
+    block: int = 128                 # the kernels' block: attention keys (MAC/MAG/MAL), memory
+                                     # tokens (never changes the function)
     max_resets: int = 4
     compute_dtype: str = "float32"
     remat: str = "none"
@@ -116,6 +117,7 @@ class TitansConfig:
     def validate(self):
         check_impl(self.impl, OPS)
         check_block(self.block)
+        check_memory_kernel(self.impl, make_rule(self.memory_config()))
         if self.head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.memory not in ("mlp", "linear"):
@@ -136,7 +138,7 @@ class TitansConfig:
             depth=self.memory_depth, expansion=self.memory_expansion, objective=self.objective,
             chunk=self.chunk, momentum=self.momentum, lr_max=self.lr_max,
             norm_eps=self.norm_eps, init_std=self.init_std, impl=self.impl,
-            max_resets=self.max_resets)
+            block=self.block, max_resets=self.max_resets)
 
     def memory_factory(self):
         """rngs -> the Titans memory mixer (drawn where a host places it)."""
@@ -280,7 +282,10 @@ def check_attention(cfg: TitansConfig) -> None:
           conformance=ConformanceSpec(
               config=TitansConfig(**{**_HYBRID, "n_layers": 1}),
               length=13, cuts=(1, 5, 9, 12),
-              reference={"impl": "reference"}, fast=({"impl": "chunked"},)))
+              reference={"impl": "reference"},
+              # the Pallas form: its linear memory and its window attention (the persistent
+              # tokens as always-visible prefix keys) both through the kernels
+              fast=({"impl": "chunked"}, {"impl": "pallas_interpret", "block": 8})))
 def build_titans_mag(cfg: TitansConfig, rngs: nnx.Rngs) -> CausalLM:
     cfg.validate()
     return _lm(cfg, [_block(cfg, m, rngs) for m in cfg.hybrid("mag", rngs)], rngs)

@@ -148,6 +148,11 @@ def init_state(W0: PyTree, batch_size: int, dk: int, dv: int, window: int = 1,
                        win_valid=jnp.zeros((batch_size, c1), bool))
 
 
+def l2_signal(pred, v, extra=None):
+    """The l2 objective ½‖pred − v‖² as its output signal pred − v (the one the kernels know)."""
+    return pred - v
+
+
 def source_grad(rule: MemoryRule, outer, W_eff, k, v, extra):
     """grad_W loss(M_W(k), v; extra) at W = W_eff for one token of one head."""
     pred, vjp = jax.vjp(lambda W: rule.memory_fn(outer, W, k), W_eff)
