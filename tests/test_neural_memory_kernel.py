@@ -199,3 +199,26 @@ def test_tpu_export_and_cuda_lowering_hold_the_kernels():
     for fn, n in ((f, 1), (g, 2)):
         text = jax.jit(fn).trace(*_abstract()).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == n
+
+
+def test_the_kernel_runs_sharded_over_the_mesh():
+    """Under a mesh (the trainer's jax.set_mesh), the kernel runs inside `jax.shard_map`: batch
+    over data (4), heads over tensor (2) on the 8 virtual devices; outputs and gradients equal
+    the unsharded call."""
+    from jax.sharding import AxisType
+    f, g = _fns("interpret", 8)
+    ks = jax.random.split(jax.random.key(3), 7)
+    Bm, T, Hm, d = 4, 12, 2, 8
+    args = (jax.random.normal(ks[0], (Bm, T, Hm, d)), 0.3 * jax.random.normal(ks[1], (Bm, T, Hm, d)),
+            jax.random.normal(ks[2], (Bm, T, Hm, d)),
+            -jax.nn.softplus(jax.random.normal(ks[3], (Bm, T, Hm))),
+            0.3 * jax.nn.sigmoid(jax.random.normal(ks[4], (Bm, T, Hm))),
+            -jax.nn.softplus(jax.random.normal(ks[5], (Bm, T, Hm))),
+            0.1 * jax.random.normal(ks[6], (Hm, d, d)))
+    want = jax.jit(f)(*args), jax.jit(g)(*args)
+    mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
+    with jax.set_mesh(mesh):
+        assert "shard_map" in str(jax.make_jaxpr(g)(*args))
+        got = jax.jit(f)(*args), jax.jit(g)(*args)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
