@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-OPS = ("attention", "gated_delta", "neural_memory")
+OPS = ("attention", "gated_delta", "neural_memory", "selective_scan")
 
 
 def _attention(B, T, impl, dtype):
@@ -83,7 +83,23 @@ def _neural_memory(B, T, impl, dtype):
     return f, (q, k, v), 10.0 * B * H * T * dk * dv, 2.0
 
 
-CASES = {"attention": _attention, "gated_delta": _gated_delta, "neural_memory": _neural_memory}
+def _selective_scan(B, T, impl, dtype):
+    from zoo.ops import selective_scan
+    Di, N = 1536, 16
+    ks = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(ks[0], (B, T, Di), dtype)
+    dt = (0.1 * jax.nn.softplus(jax.random.normal(ks[1], (B, T, Di)))).astype(dtype)
+    A = -jnp.exp(jax.random.normal(ks[2], (Di, N)))
+    Bm = jax.random.normal(ks[3], (B, T, N), dtype)
+    C = jax.random.normal(ks[4], (B, T, N), dtype)
+
+    def f(x, dt, Bm):
+        return selective_scan(x, dt, A, Bm, C, impl=impl, block=64)[0]
+    return f, (x, dt, Bm), 6.0 * B * T * Di * N, 2.0
+
+
+CASES = {"attention": _attention, "gated_delta": _gated_delta, "neural_memory": _neural_memory,
+         "selective_scan": _selective_scan}
 
 
 def _time(fn, args, steps):

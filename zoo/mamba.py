@@ -48,7 +48,7 @@ class MambaConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     rescale_out_proj: bool = True       # out_proj / sqrt(n_layers)
-    impl: str = "auto"                  # selective_scan: auto | reference | chunked
+    impl: str = "auto"                  # selective_scan: auto | reference | chunked | pallas
     block: int = 16                     # the chunked Mamba-1 form does O(block) more work per step
     compute_dtype: str = "float32"
     remat: str = "none"
@@ -185,7 +185,7 @@ MAMBA2_GROUPS = (ParamGroup("ssm", ("*.mixer.A_log", "*.mixer.D", "*.mixer.dt_bi
                                  init_std=0.5, dt_min=0.05, dt_max=0.5, impl="reference"),
               length=13, cuts=(1, 3, 4, 8, 12),
               reference={"impl": "reference"},
-              fast=({"impl": "chunked", "block": 4},),
+              fast=({"impl": "chunked", "block": 4}, {"impl": "pallas_interpret", "block": 8}),
               flops_config=MambaConfig(vocab_size=37, dim=256, n_layers=1, d_state=4,
                                        impl="reference")))
 def build_mamba(cfg: MambaConfig, rngs: nnx.Rngs) -> CausalLM:

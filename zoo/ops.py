@@ -8,7 +8,8 @@ from layers.ops import (
     l2_signal,
     linear_memory,
     neural_memory,
+    selective_scan,
 )
 
 __all__ = ["attention", "gated_delta", "neural_memory", "MemoryRule", "init_state", "l2_signal",
-           "linear_memory"]
+           "linear_memory", "selective_scan"]
