@@ -11,7 +11,8 @@ the device's peak (train.mfu: the vendor peak on TPU/GPU, the host's matmul prob
 rule 8 heads of 128 x 128 with normalised keys. FLOPs are the products' (2 per multiply-add):
 attention 4 B H T S d forward (the full score matrix, no causal halving), 2.5x that again for
 the backward (five products to the forward's two); the gated delta rule 6 B H T dk dv forward
-(k S, the rank-1 write, q S), 2x that again for the backward; the neural memory (Titans' matrix
+(k S, the rank-1 write, q S), 2x that again for the backward; GLA the same heads with per-key
+decay, 4 B H T dk dv forward (the rank-1 write, q S), 2x again backward; the neural memory (Titans' matrix
 memory with momentum and forget gate, anchor chunk 16) 8 heads of 128 x 128, 10 B H T dk dv
 forward (k A, the gradient's outer product, the momentum and weight updates, q W), 2x that again
 for the backward. On a CPU the kernels run only
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-OPS = ("attention", "gated_delta", "neural_memory", "selective_scan")
+OPS = ("attention", "gated_delta", "gla", "neural_memory", "selective_scan")
 
 
 def _attention(B, T, impl, dtype):
@@ -59,6 +60,19 @@ def _gated_delta(B, T, impl, dtype):
     def f(q, k, v):
         return gated_delta(q, k, v, g, b, scale=dk ** -0.5, impl=impl, block=64)[0]
     return f, (q, k, v), 6.0 * B * H * T * dk * dv, 2.0
+
+
+def _gla(B, T, impl, dtype):
+    from zoo.ops import gla
+    H, dk, dv = 8, 128, 128
+    ks = jax.random.split(jax.random.key(0), 4)
+    q, k = (0.1 * jax.random.normal(kk, (B, T, H, dk), dtype) for kk in ks[:2])
+    v = jax.random.normal(ks[2], (B, T, H, dv), dtype)
+    g = -0.1 * jax.nn.softplus(jax.random.normal(ks[3], (B, T, H, dk)))
+
+    def f(q, k, v):
+        return gla(q, k, v, g, scale=dk ** -0.5, impl=impl, block=64)[0]
+    return f, (q, k, v), 4.0 * B * H * T * dk * dv, 2.0
 
 
 def _neural_memory(B, T, impl, dtype):
@@ -98,7 +112,8 @@ def _selective_scan(B, T, impl, dtype):
     return f, (x, dt, Bm), 6.0 * B * T * Di * N, 2.0
 
 
-CASES = {"attention": _attention, "gated_delta": _gated_delta, "neural_memory": _neural_memory,
+CASES = {"attention": _attention, "gated_delta": _gated_delta, "gla": _gla,
+         "neural_memory": _neural_memory,
          "selective_scan": _selective_scan}
 
 

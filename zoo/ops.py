@@ -4,6 +4,7 @@ from layers.ops import (
     MemoryRule,
     attention,
     gated_delta,
+    gla,
     init_state,
     l2_signal,
     linear_memory,
@@ -12,4 +13,4 @@ from layers.ops import (
 )
 
 __all__ = ["attention", "gated_delta", "neural_memory", "MemoryRule", "init_state", "l2_signal",
-           "linear_memory", "selective_scan"]
+           "linear_memory", "selective_scan", "gla"]
