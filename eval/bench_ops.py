@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-OPS = ("attention", "gated_delta", "gla", "neural_memory", "selective_scan")
+OPS = ("attention", "gated_delta", "gla", "neural_memory", "selective_scan", "ssd")
 
 
 def _attention(B, T, impl, dtype):
@@ -112,7 +112,22 @@ def _selective_scan(B, T, impl, dtype):
     return f, (x, dt, Bm), 6.0 * B * T * Di * N, 2.0
 
 
-CASES = {"attention": _attention, "gated_delta": _gated_delta, "gla": _gla,
+def _ssd(B, T, impl, dtype):
+    from zoo.ops import ssd
+    H, P, G, N = 24, 64, 1, 128
+    ks = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(ks[0], (B, T, H, P), dtype)
+    dt = 0.1 * jax.nn.softplus(jax.random.normal(ks[1], (B, T, H)))
+    A = -jnp.exp(jax.random.normal(ks[2], (H,)))
+    Bm = jax.random.normal(ks[3], (B, T, G, N), dtype)
+    C = jax.random.normal(ks[4], (B, T, G, N), dtype)
+
+    def f(x, Bm, C):
+        return ssd(x, dt, A, Bm, C, impl=impl, block=64)[0]
+    return f, (x, Bm, C), 6.0 * B * T * H * P * N, 2.0
+
+
+CASES = {"ssd": _ssd, "attention": _attention, "gated_delta": _gated_delta, "gla": _gla,
          "neural_memory": _neural_memory,
          "selective_scan": _selective_scan}
 

@@ -92,7 +92,7 @@ class Mamba2Config:
     tie_embeddings: bool = True
     init_std: float = 0.02
     rescale_out_proj: bool = True
-    impl: str = "auto"                  # ssd: auto | reference | chunked
+    impl: str = "auto"                  # ssd: auto | reference | chunked | pallas
     block: int = 256
     compute_dtype: str = "float32"
     remat: str = "none"
@@ -208,7 +208,7 @@ def build_mamba(cfg: MambaConfig, rngs: nnx.Rngs) -> CausalLM:
                                   dt_max=0.5, impl="reference"),
               length=13, cuts=(1, 3, 4, 8, 12),
               reference={"impl": "reference"},
-              fast=({"impl": "chunked", "block": 4},),
+              fast=({"impl": "chunked", "block": 4}, {"impl": "pallas_interpret", "block": 8}),
               flops_config=Mamba2Config(vocab_size=37, dim=512, n_layers=1, d_state=4,
                                         head_dim=64, n_groups=2, impl="reference")))
 def build_mamba2(cfg: Mamba2Config, rngs: nnx.Rngs) -> CausalLM:

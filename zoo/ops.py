@@ -10,7 +10,8 @@ from layers.ops import (
     linear_memory,
     neural_memory,
     selective_scan,
+    ssd,
 )
 
 __all__ = ["attention", "gated_delta", "neural_memory", "MemoryRule", "init_state", "l2_signal",
-           "linear_memory", "selective_scan", "gla"]
+           "linear_memory", "selective_scan", "gla", "ssd"]

@@ -2,14 +2,17 @@
 
 impl (`pallas_kernels.impl.Impl`): reference (sequential float32 `lax.scan`), chunked (the
 chunked dual form over chunks of `block` steps, XLA), auto (the sequential scan on CPU, the
-chunked form on accelerators). No Pallas kernel yet: requesting one is an error.
+chunked form on accelerators), pallas (the kernels of `pallas.py` for this TPU or GPU, token
+blocks of `block`), pallas_interpret (the same kernels in interpret mode: the CPU tests); auto
+never picks the kernels until they are measured on an accelerator.
 """
 from __future__ import annotations
 
+from pallas_kernels.harness import backend_of
 from pallas_kernels.impl import Impl, on_cpu, register_op, resolve
-from pallas_kernels.ssd import chunked, reference
+from pallas_kernels.ssd import chunked, pallas, reference
 
-AVAILABLE = register_op("ssd", (Impl.REFERENCE, Impl.CHUNKED))
+AVAILABLE = register_op("ssd", (Impl.REFERENCE, Impl.CHUNKED, Impl.PALLAS, Impl.PALLAS_INTERPRET))
 
 
 def ssd(x, dt, A, Bm, C, *, h0=None, reset=None, impl: str | Impl = "auto", block: int = 64):
@@ -18,4 +21,7 @@ def ssd(x, dt, A, Bm, C, *, h0=None, reset=None, impl: str | Impl = "auto", bloc
     impl = resolve("ssd", impl, auto=lambda: Impl.REFERENCE if on_cpu() else Impl.CHUNKED)
     if impl is Impl.REFERENCE:
         return reference.ssd(x, dt, A, Bm, C, h0=h0, reset=reset)
+    if impl in (Impl.PALLAS, Impl.PALLAS_INTERPRET):
+        return pallas.ssd(x, dt, A, Bm, C, h0=h0, reset=reset, block=block,
+                          backend=backend_of(impl, "ssd"))
     return chunked.ssd(x, dt, A, Bm, C, h0=h0, reset=reset, block=block)
