@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pallas_kernels.rat  # noqa: F401  (registers the op)
 from pallas_kernels.attention import attention, pallas, reference
-from pallas_kernels.ssd import ssd
+from pallas_kernels.impl import Impl, resolve
 
 B, H, HKV, D = 2, 4, 2, 16
 BLOCK = 32
@@ -94,9 +95,8 @@ def test_the_dispatcher_runs_the_kernel_and_refuses_it_where_it_cannot():
                                rtol=1e-5, atol=2e-6)
     with pytest.raises(ValueError, match="attention: impl='pallas' needs a TPU or a GPU"):
         attention(q, k, v, impl="pallas", **masks)
-    with pytest.raises(ValueError, match="ssd: impl='pallas_interpret' is not available"):
-        ssd(q, jnp.ones(q.shape[:3]), -jnp.ones((H,)), q[:, :, :1], q[:, :, :1],
-            impl="pallas_interpret")
+    with pytest.raises(ValueError, match="rat: impl='pallas_interpret' is not available"):
+        resolve("rat", "pallas_interpret", auto=Impl.REFERENCE)   # an op without a kernel
 
 
 def _grad_fn(backend, block):
