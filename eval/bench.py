@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", action="store_true", help="also time one decode step at seq_len")
     ap.add_argument("--out", default=None, help="append JSON rows to this file")
     ap.add_argument("--ops", default="", help="bench these ops' kernels instead of models "
-                    "(eval/bench_ops.py: attention, gated_delta)")
+                    "(eval/bench_ops.py: attention, gated_delta, gla, neural_memory, "
+                    "selective_scan, ssd)")
     ap.add_argument("--impls", default="", help="with --ops: implementations (default chunked "
                     "and pallas, pallas_interpret on a CPU)")
     a = ap.parse_args(argv)
