@@ -142,7 +142,7 @@ _TINY_DT = dict(vocab_size=37, dim=16, n_layers=2, n_heads=2, max_len=64, init_s
           flops=deep_transformer_flops,
           conformance=ConformanceSpec(
               config=DeepTransformerConfig(**_TINY_DT), length=13, cuts=(1, 6, 7, 12),
-              reference={"impl": "reference"}, fast=({"impl": "chunked", "block": 4},)))
+              reference={"impl": "reference"}, fast=({"impl": "chunked", "block": 4}, {"impl": "pallas_interpret", "block": 8})))
 def build_deep_transformer(cfg: DeepTransformerConfig, rngs: nnx.Rngs) -> CausalLM:
     return build_deep_transformer_lm(cfg, rngs)
 
@@ -157,7 +157,7 @@ class SWDTConfig(DeepTransformerConfig):
           flops=deep_transformer_flops,
           conformance=ConformanceSpec(
               config=SWDTConfig(**_TINY_DT, window=4), length=13, cuts=(1, 6, 7, 12),
-              reference={"impl": "reference"}, fast=({"impl": "chunked", "block": 4},)))
+              reference={"impl": "reference"}, fast=({"impl": "chunked", "block": 4}, {"impl": "pallas_interpret", "block": 8})))
 def build_swdt(cfg: SWDTConfig, rngs: nnx.Rngs) -> CausalLM:
     if cfg.window is None:
         raise ValueError("model.window=None is the full DeepTransformer; use 'deep_transformer'")

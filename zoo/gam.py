@@ -114,7 +114,7 @@ _TINY = GAMConfig(vocab_size=37, dim=16, n_layers=2, n_slots=10, kernel_size=3, 
           conformance=ConformanceSpec(
               config=_TINY, length=13, cuts=(1, 2, 3, 12),
               reference={"impl": "reference"},
-              fast=({"impl": "chunked", "block": 4},),
+              fast=({"impl": "chunked", "block": 4}, {"impl": "pallas_interpret", "block": 8}),
               flops_config=dataclasses.replace(_TINY, dim=32, n_slots=24)))
 def build_gam(cfg: GAMConfig, rngs: nnx.Rngs) -> CausalLM:
     cfg.validate()

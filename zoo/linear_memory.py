@@ -187,11 +187,9 @@ for _name, _cls in CONFIGS.items():
              conformance=ConformanceSpec(
                  config=_cls(**_TINY, **_TINY_EXTRA.get(_name, {})), length=13,
                  cuts=(1, 3, 4, 8, 12), reference={"impl": "reference"},
-                 fast=({"impl": "chunked", "block": 4},) + (
-                     # the kernels in interpret mode: the gated delta rule (DeltaNet shares
-                     # Gated DeltaNet's op) and GLA (plain linear attention shares it)
-                     ({"impl": "pallas_interpret", "block": 4},)
-                     if _name in ("gated_deltanet", "gla") else ()),
+                 # and the kernels in interpret mode (the gated delta rule; GLA's for GLA and
+                 # plain linear attention)
+                 fast=({"impl": "chunked", "block": 4}, {"impl": "pallas_interpret", "block": 4}),
                  flops_config=_cls(**_FLOPS)))(build_linear_memory_lm)
 
 

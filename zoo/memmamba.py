@@ -152,7 +152,7 @@ _TINY = dict(vocab_size=37, dim=16, n_layers=3, d_state=4, block=4, init_std=0.5
           flops=memmamba_flops, groups=MAMBA_GROUPS,
           conformance=ConformanceSpec(
               config=MemMambaConfig(**_TINY), length=13, cuts=(1, 3, 4, 8, 12),
-              reference={"impl": "reference"}, fast=({"impl": "chunked", "block": 4},),
+              reference={"impl": "reference"}, fast=({"impl": "chunked", "block": 4}, {"impl": "pallas_interpret", "block": 8}),
               check_margins=check_margins,
               flops_config=MemMambaConfig(vocab_size=37, dim=256, n_layers=2, d_state=4,
                                           d_summary=16, pool_size=4, cross_every=2,

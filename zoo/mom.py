@@ -208,7 +208,7 @@ for _name, _cls in (("mom_gated_deltanet", MoMGatedDeltaNetConfig),
     register(_name, config=_cls, param_count=MoMConfig.param_count, flops=MoMConfig.flops,
              conformance=ConformanceSpec(
                  config=_cls(**_TINY), length=13, cuts=(1, 3, 4, 8, 12),
-                 reference={"impl": "reference"}, fast=({"impl": "chunked"},),
+                 reference={"impl": "reference"}, fast=({"impl": "chunked"}, {"impl": "pallas_interpret", "block": 8}),
                  check_margins=check_margins,
                  # atol 3e-5: on this session's host the float32 token-by-token decode of
                  # mom_gated_deltanet differs from the forward by 1.6e-5 on 1 of 2405 logits, at

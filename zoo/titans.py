@@ -310,7 +310,7 @@ def mal_flops(cfg: TitansConfig, seq_len: int) -> float:
           conformance=ConformanceSpec(
               config=TitansConfig(**_HYBRID),
               length=13, cuts=(1, 5, 9, 12),
-              reference={"impl": "reference"}, fast=({"impl": "chunked"},)))
+              reference={"impl": "reference"}, fast=({"impl": "chunked"}, {"impl": "pallas_interpret", "block": 8})))
 def build_titans_mal(cfg: TitansConfig, rngs: nnx.Rngs) -> CausalLM:
     """Samba layout: even layers the memory on [P; x], odd layers sliding-window attention;
     literal layout: every layer SWA(LMM([P; x])) (module docstring)."""
@@ -344,7 +344,7 @@ def mac_flops(cfg: TitansConfig, seq_len: int) -> float:
           conformance=ConformanceSpec(
               config=TitansConfig(**{**_HYBRID, "n_layers": 1, "segment": 8}),
               length=13, cuts=(1, 4, 8, 12),
-              reference={"impl": "reference"}, fast=({"impl": "chunked"},)))
+              reference={"impl": "reference"}, fast=({"impl": "chunked"}, {"impl": "pallas_interpret", "block": 8})))
 def build_titans_mac(cfg: TitansConfig, rngs: nnx.Rngs) -> CausalLM:
     cfg.validate()
     mixer = lambda: MACMixer(cfg.memory_factory(), segment=cfg.segment,
