@@ -337,7 +337,8 @@ _TINY = dict(vocab_size=37, dim=16, n_layers=3, n_heads=2, sga_every=2, window=3
           conformance=ConformanceSpec(config=HydraConfig(**_TINY), length=13,
                                       cuts=(1, 3, 4, 8, 12), check_margins=check_margins,
                                       reference={"impl": "reference"},
-                                      fast=({"impl": "chunked", "block": 4},),
+                                      fast=({"impl": "chunked", "block": 4},
+                                            {"impl": "pallas_interpret", "block": 8}),
                                       flops_config=HydraConfig(**{**_TINY, "dim": 128,
                                                                   "n_heads": 4,
                                                                   "moe_hidden": 256})))
