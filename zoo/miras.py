@@ -116,7 +116,9 @@ class MemoraConfig(MirasConfig):
 # token loop and the chunk-parallel form (measured: forward 5.7e-6, embedding gradient 1.8e-4 on
 # entries of magnitude 2.2; the forward matches the float64 token loops of tests/test_miras.py
 # to 2e-5).
-_TOL = {"moneta": 3e-5, "yaad": 1e-5, "memora": 1e-5}
+# Memora's 3e-5: its softmax link over the memory's logits; the sharded forward measured 1.4e-5
+# (4 of 1,924 logits) on session 29's AMD EPYC host, where session 28's host passed 1e-5.
+_TOL = {"moneta": 3e-5, "yaad": 1e-5, "memora": 3e-5}
 # The FLOP check's config (tests/test_flops.py): Moneta's and Yaad's at dim 64 (head dim 32),
 # where the memory's exact GELU and the smooth signal / Huber clip no longer rival its
 # products as they do at head dim 8; Memora's at the conformance config.
