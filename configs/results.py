@@ -194,12 +194,16 @@ CLAIMS = (
     Claim("atlas-over-mamba", "ATLAS-family memories (OmegaNet) at least match Mamba on recall",
           "atlas.md headline results",
           checks=((_c("mqar", "omeganet"), ">=", _c("mqar", "mamba")),)),
+    Claim("attention-passkey", "Attention retrieves the passkey at its training length (it copies "
+          "the key; about 100 % exact)", "tasks.md §3 (Landmark's passkey; issue 11's baseline)",
+          checks=((_c("passkey", "transformer", "acc@128"), ">=", 0.99),)),
     Claim("memory-passkey-beyond", "Test-time memories retrieve the passkey beyond the training "
           "length (>= 0.9 at 2x and 4x), where the Transformer's RoPE attention does not",
           "titans.md, atlas.md headline results (BABILong / needle)",
           checks=((_c("passkey", "titans_lmm", "acc@256"), ">=", 0.9),
                   (_c("passkey", "titans_lmm", "acc@512"), ">=", 0.9),
-                  (_c("passkey", "omeganet", "acc@256"), ">=", 0.9))),
+                  (_c("passkey", "omeganet", "acc@256"), ">=", 0.9),
+                  (_c("passkey", "transformer", "acc@256"), "<", 0.9))),
     Claim("memory-niah", "Memory models beyond their training length on RULER S-NIAH",
           "titans.md, atlas.md (RULER)", untestable="S-NIAH needs byte-level training on long "
           "English haystacks (thousands of tokens per example), beyond this CPU's per-cell budget"),
