@@ -10,6 +10,9 @@
   over `HEAD_AXIS` ("tensor") when it divides them, everything else whole; each device runs the
   kernel on its shard (a custom call cannot be partitioned by XLA). Without a mesh, or on one
   device, the call is made as is.
+* inside kernels: `token_row` / `token_col` / `token_scalar` (token t of a block as a float32
+  [1, d] row, [d, 1] column or [1] scalar, whatever the block's leading unit dims) and `mm`,
+  `outer`, `mm_t` (float32-accumulating products of rows and matrices).
 * `round_up`, `block_size`: block sizes are arguments that never change the function; inputs are
   padded to whole blocks by the caller (padded keys are invalid, padded queries discarded).
 
@@ -24,6 +27,7 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
@@ -66,6 +70,35 @@ def call(kernel, *, backend: str, grid: tuple[int, ...], in_specs: Sequence[Any]
     return pl.pallas_call(kernel, grid=grid, in_specs=list(in_specs), out_specs=out_specs,
                           out_shape=out_shape, interpret=backend == "interpret", name=name,
                           **({} if params is None else {"compiler_params": params}))
+
+
+def token_row(ref, t):
+    """Row t of a block [1, ..., T, d] as float32 [1, d]."""
+    return ref[(0,) * (ref.ndim - 2) + (pl.ds(t, 1), slice(None))].astype(jnp.float32)
+
+
+def token_col(ref, t):
+    """Column t of a block [1, ..., d, T] as float32 [d, 1]."""
+    return ref[(0,) * (ref.ndim - 2) + (slice(None), pl.ds(t, 1))].astype(jnp.float32)
+
+
+def token_scalar(ref, i, t):
+    """Entry (i, t) of a block [1, ..., n, T] of per-token scalars as float32 [1]."""
+    return ref[(0,) * (ref.ndim - 2) + (i, pl.ds(t, 1))].astype(jnp.float32)
+
+
+def mm(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def outer(a, b):
+    """a [1, m], b [1, n] -> aᵀ b [m, n]."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def mm_t(a, b):
+    """a [1, n], b [m, n] -> a bᵀ [1, m]."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def round_up(x: int, m: int) -> int:

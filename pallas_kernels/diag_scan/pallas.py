@@ -20,13 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.harness import call, over_mesh
+from pallas_kernels.harness import call, over_mesh, token_col
 
 Array = jax.Array
-
-
-def _col(ref, t):
-    return ref[0, :, pl.ds(t, 1)].astype(jnp.float32)              # [bd, 1]
 
 
 def _keep(ref, t):
@@ -37,16 +33,16 @@ def _fwd_kernel(a_ref, b_ref, k_ref, s0_ref, r_ref, sT_ref, *, T: int):
     def tok(t, s):
         read = _keep(k_ref, t) * s
         r_ref[0, :, pl.ds(t, 1)] = read
-        return _col(a_ref, t) * read + _col(b_ref, t)
+        return token_col(a_ref, t) * read + token_col(b_ref, t)
     sT_ref[0] = jax.lax.fori_loop(0, T, tok, s0_ref[0].astype(jnp.float32))
 
 
 def _bwd_kernel(a_ref, k_ref, r_ref, dr_ref, dsT_ref, da_ref, db_ref, ds0_ref, *, T: int):
     def tok(i, ds):
         t = T - 1 - i
-        da_ref[0, :, pl.ds(t, 1)] = (ds * _col(r_ref, t)).astype(da_ref.dtype)
+        da_ref[0, :, pl.ds(t, 1)] = (ds * token_col(r_ref, t)).astype(da_ref.dtype)
         db_ref[0, :, pl.ds(t, 1)] = ds.astype(db_ref.dtype)
-        return _keep(k_ref, t) * (_col(dr_ref, t) + _col(a_ref, t) * ds)
+        return _keep(k_ref, t) * (token_col(dr_ref, t) + token_col(a_ref, t) * ds)
     ds0_ref[0] = jax.lax.fori_loop(0, T, tok, dsT_ref[0].astype(jnp.float32))
 
 

@@ -26,33 +26,25 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.harness import call, over_mesh, round_up
+from pallas_kernels.harness import (
+    call,
+    mm,
+    outer,
+    over_mesh,
+    round_up,
+    token_row,
+    token_scalar,
+)
 
 Array = jax.Array
-
-
-def _row(ref, t):
-    return ref[0, 0, pl.ds(t, 1), :].astype(jnp.float32)            # [1, d]
-
-
-def _scalar(ref, t):
-    return ref[0, 0, 0, pl.ds(t, 1)].astype(jnp.float32)             # [1]
-
-
-def _mm(a, b):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
-def _outer(a, b):          # a [1, m], b [1, n] -> aᵀ b [m, n]
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _token(S, q, k, v, g, b, scale):
     """One token: (S_t, o_t, e_t, S̃) from S_{t−1}."""
     Sa = jnp.exp(g)[:, None] * S
-    e = v - _mm(k, Sa)
-    S = Sa + b[:, None] * _outer(k, e)
-    return S, scale * _mm(q, S), e, Sa
+    e = v - mm(k, Sa)
+    S = Sa + b[:, None] * outer(k, e)
+    return S, scale * mm(q, S), e, Sa
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, s0_ref, o_ref, sT_ref, st_ref, *, C: int,
@@ -62,8 +54,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, s0_ref, o_ref, sT_ref, st_ref
 
         def tok(j, S):
             t = c * C + j
-            S, o, _, _ = _token(S, _row(q_ref, t), _row(k_ref, t), _row(v_ref, t),
-                                _scalar(g_ref, t), _scalar(b_ref, t), scale)
+            S, o, _, _ = _token(S, token_row(q_ref, t), token_row(k_ref, t), token_row(v_ref, t),
+                                token_scalar(g_ref, 0, t), token_scalar(b_ref, 0, t), scale)
             o_ref[0, 0, pl.ds(t, 1), :] = o.astype(o_ref.dtype)
             return S
         return jax.lax.fori_loop(0, C, tok, S)
@@ -84,8 +76,8 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, do_ref, dsT_ref, dq_r
             S, states = carry
             t = c * C + j
             states = jnp.where(idx == j, S[None], states)
-            S = _token(S, _row(q_ref, t), _row(k_ref, t), _row(v_ref, t), _scalar(g_ref, t),
-                       _scalar(b_ref, t), scale)[0]
+            S = _token(S, token_row(q_ref, t), token_row(k_ref, t), token_row(v_ref, t), token_scalar(g_ref, 0, t),
+                       token_scalar(b_ref, 0, t), scale)[0]
             return S, states
         _, states = jax.lax.fori_loop(0, C, fill, (st_ref[0, 0, c],
                                                    jnp.zeros((C, dk_, dv_), jnp.float32)))
@@ -94,23 +86,23 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, st_ref, do_ref, dsT_ref, dq_r
             j = C - 1 - jj
             t = c * C + j
             prev = jnp.sum(jnp.where(idx == j, states, 0.0), axis=0)
-            q, k, v = _row(q_ref, t), _row(k_ref, t), _row(v_ref, t)
-            g, b = _scalar(g_ref, t), _scalar(b_ref, t)
+            q, k, v = token_row(q_ref, t), token_row(k_ref, t), token_row(v_ref, t)
+            g, b = token_scalar(g_ref, 0, t), token_scalar(b_ref, 0, t)
             S, _, e, Sa = _token(prev, q, k, v, g, b, scale)
-            do = _row(do_ref, t)
-            D = dS + scale * _outer(q, do)
-            y = b[:, None] * _mm(k, D)                                   # [1, dv]
+            do = token_row(do_ref, t)
+            D = dS + scale * outer(q, do)
+            y = b[:, None] * mm(k, D)                                   # [1, dv]
             dq_ref[0, 0, pl.ds(t, 1), :] = (scale * jax.lax.dot_general(
                 do, S, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             ).astype(dq_ref.dtype)
             dv_ref[0, 0, pl.ds(t, 1), :] = y.astype(dv_ref.dtype)
-            db_ref[0, 0, 0, pl.ds(t, 1)] = jnp.sum(_mm(k, D) * e, axis=1).astype(db_ref.dtype)
+            db_ref[0, 0, 0, pl.ds(t, 1)] = jnp.sum(mm(k, D) * e, axis=1).astype(db_ref.dtype)
             dk = (b[:, None] * jax.lax.dot_general(e, D, (((1,), (1,)), ((), ())),
                                                    preferred_element_type=jnp.float32)
                   - jax.lax.dot_general(y, Sa, (((1,), (1,)), ((), ())),
                                         preferred_element_type=jnp.float32))
             dk_ref[0, 0, pl.ds(t, 1), :] = dk.astype(dk_ref.dtype)
-            dSa = D - _outer(k, y)
+            dSa = D - outer(k, y)
             a = jnp.exp(g)
             dg_ref[0, 0, 0, pl.ds(t, 1)] = (a * jnp.sum(dSa * prev)[None]).astype(dg_ref.dtype)
             return a[:, None] * dSa

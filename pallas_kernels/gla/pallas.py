@@ -25,29 +25,21 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.harness import call, over_mesh, round_up
+from pallas_kernels.harness import (
+    call,
+    mm,
+    mm_t,
+    outer,
+    over_mesh,
+    round_up,
+    token_row,
+)
 
 Array = jax.Array
 
 
-def _row(ref, t):
-    return ref[0, 0, pl.ds(t, 1), :].astype(jnp.float32)            # [1, d]
-
-
 def _gcol(ref, t):
     return ref[0, 0, :, pl.ds(t, 1)].astype(jnp.float32)            # [dk, 1]
-
-
-def _mm(a, b):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
-def _outer(a, b):          # a [1, m], b [1, n] -> aᵀ b [m, n]
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _mmT(a, b):            # a [1, n], b [m, n] -> a bᵀ [1, m]
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, sT_ref, st_ref, *, C: int, n: int,
@@ -57,8 +49,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, sT_ref, st_ref, *, C:
 
         def tok(j, S):
             t = c * C + j
-            S = jnp.exp(_gcol(g_ref, t)) * S + _outer(_row(k_ref, t), _row(v_ref, t))
-            o_ref[0, 0, pl.ds(t, 1), :] = (scale * _mm(_row(q_ref, t), S)).astype(o_ref.dtype)
+            S = jnp.exp(_gcol(g_ref, t)) * S + outer(token_row(k_ref, t), token_row(v_ref, t))
+            o_ref[0, 0, pl.ds(t, 1), :] = (scale * mm(token_row(q_ref, t), S)).astype(o_ref.dtype)
             return S
         return jax.lax.fori_loop(0, C, tok, S)
 
@@ -77,7 +69,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, st_ref, do_ref, dsT_ref, dq_ref, dk_
             S, states = carry
             t = c * C + j
             states = jnp.where(idx == j, S[None], states)
-            S = jnp.exp(_gcol(g_ref, t)) * S + _outer(_row(k_ref, t), _row(v_ref, t))
+            S = jnp.exp(_gcol(g_ref, t)) * S + outer(token_row(k_ref, t), token_row(v_ref, t))
             return S, states
         _, states = jax.lax.fori_loop(0, C, fill, (st_ref[0, 0, c],
                                                    jnp.zeros((C, dk_, dv_), jnp.float32)))
@@ -86,13 +78,13 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, st_ref, do_ref, dsT_ref, dq_ref, dk_
             j = C - 1 - jj
             t = c * C + j
             prev = jnp.sum(jnp.where(idx == j, states, 0.0), axis=0)
-            q, k, v, a = _row(q_ref, t), _row(k_ref, t), _row(v_ref, t), jnp.exp(_gcol(g_ref, t))
-            S = a * prev + _outer(k, v)
-            do = _row(do_ref, t)
-            D = dS + scale * _outer(q, do)
-            dq_ref[0, 0, pl.ds(t, 1), :] = (scale * _mmT(do, S)).astype(dq_ref.dtype)
-            dk_ref[0, 0, pl.ds(t, 1), :] = _mmT(v, D).astype(dk_ref.dtype)
-            dv_ref[0, 0, pl.ds(t, 1), :] = _mm(k, D).astype(dv_ref.dtype)
+            q, k, v, a = token_row(q_ref, t), token_row(k_ref, t), token_row(v_ref, t), jnp.exp(_gcol(g_ref, t))
+            S = a * prev + outer(k, v)
+            do = token_row(do_ref, t)
+            D = dS + scale * outer(q, do)
+            dq_ref[0, 0, pl.ds(t, 1), :] = (scale * mm_t(do, S)).astype(dq_ref.dtype)
+            dk_ref[0, 0, pl.ds(t, 1), :] = mm_t(v, D).astype(dk_ref.dtype)
+            dv_ref[0, 0, pl.ds(t, 1), :] = mm(k, D).astype(dv_ref.dtype)
             dg_ref[0, 0, :, pl.ds(t, 1)] = (a * jnp.sum(D * prev, axis=1, keepdims=True)).astype(
                 dg_ref.dtype)
             return a * D

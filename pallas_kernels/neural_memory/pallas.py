@@ -36,7 +36,16 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.harness import call, over_mesh, round_up
+from pallas_kernels.harness import (
+    call,
+    mm,
+    mm_t,
+    outer,
+    over_mesh,
+    round_up,
+    token_row,
+    token_scalar,
+)
 from pallas_kernels.neural_memory import reference as ref
 
 Array = jax.Array
@@ -59,28 +68,8 @@ def kernel_error(rule: ref.MemoryRule) -> str | None:
     return None
 
 
-def _row(ref_, t):
-    return ref_[0, 0, pl.ds(t, 1), :].astype(jnp.float32)          # [1, d]
-
-
-def _sc(ref_, i, t):
-    return ref_[0, 0, i, pl.ds(t, 1)].astype(jnp.float32)           # [1]
-
-
-def _mm(a, b):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
-def _outer(a, b):          # a [1, m], b [1, n] -> aᵀ b [m, n]
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _mmT(a, b):            # a [1, n], b [m, n] -> a bᵀ [1, m]
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
 def _coefs(c_ref, t):
-    return tuple(_sc(c_ref, i, t)[:, None] for i in range(N_COEF))      # each [1, 1]
+    return tuple(token_scalar(c_ref, i, t)[:, None] for i in range(N_COEF))      # each [1, 1]
 
 
 def _token(state, target, q, k, v, c):
@@ -88,12 +77,12 @@ def _token(state, target, q, k, v, c):
     W, S, A = state
     cin, cout, lm, lr, af, rt, rho = c
     Wr, Sr, Ar = (jnp.where(rt > 0, x, y) for x, y in zip(target, state))
-    e = _mm(k, Ar) - v
-    u = _outer(k, e)
+    e = mm(k, Ar) - v
+    u = outer(k, e)
     m, r = jnp.exp(lm), jnp.exp(lr)
     S1 = m * Sr + cin * u
     W1 = r * Wr + cout * S1
-    y = rho * _mm(q, W1)
+    y = rho * mm(q, W1)
     A1 = jnp.where(af > 0, W1, Ar)
     new = tuple(jnp.where(rho > 0, a, b) for a, b in zip((W1, S1, A1), (Wr, Sr, Ar)))
     return new, y, (Wr, Sr, Ar, e, u, S1, W1, m, r)
@@ -109,7 +98,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, c_ref, s0_ref, tg_ref, y_ref, sT_ref, st_re
 
         def tok(j, state):
             t = c * C + j
-            state, y, _ = _token(state, target, _row(q_ref, t), _row(k_ref, t), _row(v_ref, t),
+            state, y, _ = _token(state, target, token_row(q_ref, t), token_row(k_ref, t), token_row(v_ref, t),
                                  _coefs(c_ref, t))
             y_ref[0, 0, pl.ds(t, 1), :] = y.astype(y_ref.dtype)
             return state
@@ -134,7 +123,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, c_ref, tg_ref, st_ref, dy_ref, dsT_ref, dq_
             state, states = fc
             t = c * C + j
             states = tuple(jnp.where(idx == j, s[None], ss) for s, ss in zip(state, states))
-            state = _token(state, target, _row(q_ref, t), _row(k_ref, t), _row(v_ref, t),
+            state = _token(state, target, token_row(q_ref, t), token_row(k_ref, t), token_row(v_ref, t),
                            _coefs(c_ref, t))[0]
             return state, states
         start = tuple(st_ref[0, 0, c, s] for s in range(3))
@@ -146,22 +135,22 @@ def _bwd_kernel(q_ref, k_ref, v_ref, c_ref, tg_ref, st_ref, dy_ref, dsT_ref, dq_
             j = C - 1 - jj
             t = c * C + j
             prev = tuple(jnp.sum(jnp.where(idx == j, ss, 0.0), axis=0) for ss in states)
-            q, k = _row(q_ref, t), _row(k_ref, t)
+            q, k = token_row(q_ref, t), token_row(k_ref, t)
             co = _coefs(c_ref, t)
             cin, cout, _, _, af, rt, rho = co
-            _, _, (Wr, Sr, Ar, e, u, S1, W1, m, r) = _token(prev, target, q, k, _row(v_ref, t),
+            _, _, (Wr, Sr, Ar, e, u, S1, W1, m, r) = _token(prev, target, q, k, token_row(v_ref, t),
                                                             co)
-            dy = _row(dy_ref, t)
+            dy = token_row(dy_ref, t)
             dA1 = rho * dA
-            dW1 = rho * (dW + _outer(q, dy)) + af * dA1
+            dW1 = rho * (dW + outer(q, dy)) + af * dA1
             dS1 = rho * dS + cout * dW1
             du = cin * dS1
-            de = _mm(k, du)                                               # [1, dv]
+            de = mm(k, du)                                               # [1, dv]
             dWr = (1 - rho) * dW + r * dW1
             dSr = (1 - rho) * dS + m * dS1
-            dAr = (1 - rho) * dA + (1 - af) * dA1 + _outer(k, de)
-            dq_ref[0, 0, pl.ds(t, 1), :] = (rho * _mmT(dy, W1)).astype(dq_ref.dtype)
-            dk_ref[0, 0, pl.ds(t, 1), :] = (_mmT(e, du) + _mmT(de, Ar)).astype(dk_ref.dtype)
+            dAr = (1 - rho) * dA + (1 - af) * dA1 + outer(k, de)
+            dq_ref[0, 0, pl.ds(t, 1), :] = (rho * mm_t(dy, W1)).astype(dq_ref.dtype)
+            dk_ref[0, 0, pl.ds(t, 1), :] = (mm_t(e, du) + mm_t(de, Ar)).astype(dk_ref.dtype)
             dv_ref[0, 0, pl.ds(t, 1), :] = (-de).astype(dv_ref.dtype)
             for row, val in ((CIN, jnp.sum(dS1 * u)), (COUT, jnp.sum(dW1 * S1)),
                              (LMOM, m[0, 0] * jnp.sum(dS1 * Sr)),

@@ -27,17 +27,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.harness import call, over_mesh, round_up
+from pallas_kernels.harness import (
+    call,
+    over_mesh,
+    round_up,
+    token_col,
+    token_row,
+)
 
 Array = jax.Array
-
-
-def _col(ref, t):
-    return ref[0, :, pl.ds(t, 1)].astype(jnp.float32)              # [bd, 1]
-
-
-def _row(ref, t):
-    return ref[0, pl.ds(t, 1), :].astype(jnp.float32)              # [1, N]
 
 
 def _coeff(dt, A, zoh):
@@ -65,8 +63,8 @@ def _fwd_kernel(x_ref, dt_ref, A_ref, b_ref, c_ref, k_ref, h0_ref, y_ref, hT_ref
 
         def tok(j, h):
             t = i * C + j
-            h, y, _ = _token(h, A, _col(x_ref, t), _col(dt_ref, t), _row(b_ref, t),
-                             _row(c_ref, t), k_ref[0, 0, pl.ds(t, 1)].astype(jnp.float32)[None],
+            h, y, _ = _token(h, A, token_col(x_ref, t), token_col(dt_ref, t), token_row(b_ref, t),
+                             token_row(c_ref, t), k_ref[0, 0, pl.ds(t, 1)].astype(jnp.float32)[None],
                              zoh)
             y_ref[0, :, pl.ds(t, 1)] = y.astype(y_ref.dtype)
             return h
@@ -88,7 +86,7 @@ def _bwd_kernel(x_ref, dt_ref, A_ref, b_ref, c_ref, k_ref, st_ref, dy_ref, dhT_r
             h, hs = fc
             t = i * C + j
             hs = jnp.where(idx == j, h[None], hs)
-            h = _token(h, A, _col(x_ref, t), _col(dt_ref, t), _row(b_ref, t), _row(c_ref, t),
+            h = _token(h, A, token_col(x_ref, t), token_col(dt_ref, t), token_row(b_ref, t), token_row(c_ref, t),
                        k_ref[0, 0, pl.ds(t, 1)].astype(jnp.float32)[None], zoh)[0]
             return h, hs
         _, hs = jax.lax.fori_loop(0, C, fill, (st_ref[0, i], jnp.zeros((C, bd, N), jnp.float32)))
@@ -98,10 +96,10 @@ def _bwd_kernel(x_ref, dt_ref, A_ref, b_ref, c_ref, k_ref, st_ref, dy_ref, dhT_r
             j = C - 1 - jj
             t = i * C + j
             prev = jnp.sum(jnp.where(idx == j, hs, 0.0), axis=0)
-            x, dt, b, c_ = _col(x_ref, t), _col(dt_ref, t), _row(b_ref, t), _row(c_ref, t)
+            x, dt, b, c_ = token_col(x_ref, t), token_col(dt_ref, t), token_row(b_ref, t), token_row(c_ref, t)
             keep = k_ref[0, 0, pl.ds(t, 1)].astype(jnp.float32)[None]
             h, _, (a, c, dc_dt, dc_dA) = _token(prev, A, x, dt, b, c_, keep, zoh)
-            dy = _col(dy_ref, t)                                          # [bd, 1]
+            dy = token_col(dy_ref, t)                                          # [bd, 1]
             g = dh + dy * c_
             gxb = g * x * b
             dx_ref[0, :, pl.ds(t, 1)] = jnp.sum(g * c * b, axis=1, keepdims=True).astype(

@@ -26,37 +26,26 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.harness import call, over_mesh, round_up
+from pallas_kernels.harness import (
+    call,
+    mm,
+    mm_t,
+    outer,
+    over_mesh,
+    round_up,
+    token_row,
+    token_scalar,
+)
 from pallas_kernels.ssd.reference import heads_of_groups
 
 Array = jax.Array
 DT, KEEP, AH = range(3)
 
 
-def _row(ref, t):
-    return ref[0, 0, pl.ds(t, 1), :].astype(jnp.float32)            # [1, d]
-
-
-def _sc(ref, i, t):
-    return ref[0, 0, i, pl.ds(t, 1)].astype(jnp.float32)[:, None]   # [1, 1]
-
-
-def _mm(a, b):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
-def _outer(a, b):          # a [1, m], b [1, n] -> aᵀ b [m, n]
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _mmT(a, b):            # a [1, n], b [m, n] -> a bᵀ [1, m]
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
 def _token(S, x, b, c_ref, t):
-    dt, keep, A = _sc(c_ref, DT, t), _sc(c_ref, KEEP, t), _sc(c_ref, AH, t)
+    dt, keep, A = token_scalar(c_ref, DT, t)[:, None], token_scalar(c_ref, KEEP, t)[:, None], token_scalar(c_ref, AH, t)[:, None]
     a = keep * jnp.exp(dt * A)
-    xb = _outer(x, b)
+    xb = outer(x, b)
     return a * S + dt * xb, (a, dt, A, xb)
 
 
@@ -66,8 +55,8 @@ def _fwd_kernel(x_ref, b_ref, cm_ref, c_ref, s0_ref, y_ref, sT_ref, st_ref, *, C
 
         def tok(j, S):
             t = i * C + j
-            S, _ = _token(S, _row(x_ref, t), _row(b_ref, t), c_ref, t)
-            y_ref[0, 0, pl.ds(t, 1), :] = _mmT(_row(cm_ref, t), S).astype(y_ref.dtype)
+            S, _ = _token(S, token_row(x_ref, t), token_row(b_ref, t), c_ref, t)
+            y_ref[0, 0, pl.ds(t, 1), :] = mm_t(token_row(cm_ref, t), S).astype(y_ref.dtype)
             return S
         return jax.lax.fori_loop(0, C, tok, S)
 
@@ -86,7 +75,7 @@ def _bwd_kernel(x_ref, b_ref, cm_ref, c_ref, st_ref, dy_ref, dsT_ref, dx_ref, db
             S, states = fc
             t = i * C + j
             states = jnp.where(idx == j, S[None], states)
-            S = _token(S, _row(x_ref, t), _row(b_ref, t), c_ref, t)[0]
+            S = _token(S, token_row(x_ref, t), token_row(b_ref, t), c_ref, t)[0]
             return S, states
         _, states = jax.lax.fori_loop(0, C, fill, (st_ref[0, 0, i],
                                                    jnp.zeros((C, P, N), jnp.float32)))
@@ -95,13 +84,13 @@ def _bwd_kernel(x_ref, b_ref, cm_ref, c_ref, st_ref, dy_ref, dsT_ref, dx_ref, db
             j = C - 1 - jj
             t = i * C + j
             prev = jnp.sum(jnp.where(idx == j, states, 0.0), axis=0)
-            x, b, cm = _row(x_ref, t), _row(b_ref, t), _row(cm_ref, t)
+            x, b, cm = token_row(x_ref, t), token_row(b_ref, t), token_row(cm_ref, t)
             S, (a, dt, A, xb) = _token(prev, x, b, c_ref, t)
-            dy = _row(dy_ref, t)
-            G = dS + _outer(dy, cm)
-            dx_ref[0, 0, pl.ds(t, 1), :] = (dt * _mmT(b, G)).astype(dx_ref.dtype)
-            db_ref[0, 0, pl.ds(t, 1), :] = (dt * _mm(x, G)).astype(db_ref.dtype)
-            dcm_ref[0, 0, pl.ds(t, 1), :] = _mm(dy, S).astype(dcm_ref.dtype)
+            dy = token_row(dy_ref, t)
+            G = dS + outer(dy, cm)
+            dx_ref[0, 0, pl.ds(t, 1), :] = (dt * mm_t(b, G)).astype(dx_ref.dtype)
+            db_ref[0, 0, pl.ds(t, 1), :] = (dt * mm(x, G)).astype(db_ref.dtype)
+            dcm_ref[0, 0, pl.ds(t, 1), :] = mm(dy, S).astype(dcm_ref.dtype)
             dsig = a * jnp.sum(G * prev)
             dc_ref[0, 0, DT, pl.ds(t, 1)] = (jnp.sum(G * xb) + A * dsig)[0].astype(dc_ref.dtype)
             dc_ref[0, 0, AH, pl.ds(t, 1)] = (dt * dsig)[0].astype(dc_ref.dtype)
