@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     runs = os.path.join(REPO, a.runs)
     os.makedirs(runs, exist_ok=True)
     out = os.path.join(REPO, a.out)
-    ledger = read_ledger(os.path.splitext(out)[0] + "_cells.jsonl")
+    ledger_path = os.path.splitext(out)[0] + "_cells.jsonl"
+    ledger = read_ledger(ledger_path)
     claimed = claim_cells(proto)
     cells = defaultdict(list)      # (task, model) -> records (every rate, every seed)
     chosen = {}                    # (task, model) -> chosen rate
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
                     rec = run_cell(proto, Cell(task, m, lr, seeds[0]), runs, overrides, log,
                                    n_examples=a.n_examples, ledger=ledger)
                     if rec is not None:
-                        recs.append(rec)
+                        recs.append(remember(ledger_path, ledger, rec))
                 best = select(proto, task, recs)
                 if best is None:
                     cells[(task, m)] = []
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
                         rec = run_cell(proto, Cell(task, m, best["lr"], s), runs, overrides,
                                        log, n_examples=a.n_examples, ledger=ledger)
                         if rec is not None:
-                            recs.append(rec)
+                            recs.append(remember(ledger_path, ledger, rec))
                 cells[(task, m)] = recs
     keep_ledger(proto, ledger.values(), cells, chosen, seeds[0])
     tasks = [t for t in proto.TASKS if t in tasks or any(k[0] == t for k in cells)]
@@ -126,6 +127,18 @@ def main(argv=None) -> int:
     report.write(out, proto, cells, chosen, models, tasks, argv_line(a))
     print(f"[table] wrote {a.out}")
     return 0
+
+
+def remember(path: str, ledger: dict, rec: dict) -> dict:
+    """Append a newly finished cell's record to the ledger file at once (a session that stops
+    mid-sweep keeps every finished rate and seed; the invocation's end rewrites the file whole,
+    and `read_ledger` keeps the last record of a fingerprint)."""
+    fp = rec.get("fingerprint")
+    if fp and fp not in ledger:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        ledger[fp] = rec
+    return rec
 
 
 def keep_ledger(proto, records, cells, chosen, first_seed: int) -> None:

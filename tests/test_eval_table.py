@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 
+import pytest
+
 from eval import protocol, table
 
 SMOKE = ("--set=train.steps=3,train.batch_size=8,train.warmup_steps=1,checkpoint.every=3,"
@@ -87,3 +89,34 @@ def test_bad_override_is_one_line_and_exit_2(tmp_path, capsys):
     assert "unknown config key train.nope" in capsys.readouterr().err
     assert table.main(["--models=nope", f"--runs={tmp_path}"]) == 2
     assert table.main(["--rates=fast", f"--runs={tmp_path}"]) == 2
+
+
+def test_a_sweep_stopped_midway_keeps_its_finished_cells(tmp_path, monkeypatch):
+    """Every finished cell goes into the ledger at once, so a session that stops mid-sweep (here
+    an interrupt while the second rate trains) loses nothing finished: a fresh checkout (no run
+    directories) trains only the cell that did not finish."""
+    runs, out = tmp_path / "runs", tmp_path / "results.md"
+    argv = ["--models=mamba", "--tasks=mqar", f"--runs={runs}", f"--out={out}",
+            "--rates=" + ",".join(map(str, RATES)), "--seeds=0", "--n_examples=16", SMOKE]
+    real, trained = table.run_cell, []
+
+    def stop_at_second(proto, cell, *a, **kw):
+        if cell.lr == RATES[1]:
+            raise KeyboardInterrupt
+        return real(proto, cell, *a, **kw)
+    monkeypatch.setattr(table, "run_cell", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        table.main(argv)
+    recs = table.read_cells(str(tmp_path / "results_cells.jsonl"))
+    assert [(r["model"], r["lr"]) for r in recs] == [("mamba", RATES[0])]
+    shutil.rmtree(runs)
+
+    def count(proto, cell, runs_, *a, **kw):
+        rec = real(proto, cell, runs_, *a, **kw)
+        if os.path.isdir(cell.run_dir(runs_)):
+            trained.append(cell.lr)
+        return rec
+    monkeypatch.setattr(table, "run_cell", count)
+    assert table.main(argv) == 0
+    assert trained == [RATES[1]]
+    assert len(table.read_cells(str(tmp_path / "results_cells.jsonl"))) == 2
