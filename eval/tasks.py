@@ -297,6 +297,13 @@ def byte_prompt(ids, model: Model) -> np.ndarray:
     return ids.astype(np.int32)
 
 
+def _passkey_kw(run: Run) -> dict:
+    """The token passkey's arguments as the run trained on them (digits, filler, keys)."""
+    return dict(num_digits=int(run.get("passkey_digits")),
+                num_filler_tokens=int(run.get("passkey_filler_tokens")),
+                filler=str(run.get("passkey_filler")), distinct=bool(run.get("passkey_distinct")))
+
+
 class Passkey(Task):
     name = "passkey"
     # 2: a token-format example of length L is the training rows' format at seq_len L (L input
@@ -338,11 +345,7 @@ class Passkey(Task):
         """Why length L cannot hold a passkey example (None: it can)."""
         from train.data import synthetic
         if fmt == "tokens":
-            return synthetic.passkey_tokens_check(
-                seq_len=L, num_digits=int(run.get("passkey_digits")),
-                num_filler_tokens=int(run.get("passkey_filler_tokens")),
-                filler=str(run.get("passkey_filler")),
-                distinct=bool(run.get("passkey_distinct")))
+            return synthetic.passkey_tokens_check(seq_len=L, **_passkey_kw(run))
         try:
             synthetic.passkey_text(np.random.default_rng(0), length=L - 1 - opts.passkey_new,
                                    depth=0.5)
@@ -359,10 +362,7 @@ class Passkey(Task):
             # generated, the last never fed: L positions (zoo.lm.generate)
             data = synthetic.generate(
                 synthetic.passkey_tokens, seed=seed, n=opts.n_examples, seq_len=p["length"],
-                depth=p["depth"], num_digits=int(run.get("passkey_digits")),
-                num_filler_tokens=int(run.get("passkey_filler_tokens")),
-                filler=str(run.get("passkey_filler")),
-                distinct=bool(run.get("passkey_distinct")))
+                depth=p["depth"], **_passkey_kw(run))
             start, n = scoring.answer_spans(data["labels"])
             prompts = [data["inputs"][i, :start[i] + 1] for i in range(len(start))]
             gen = _generate_all(model, prompts, int(n.max()), opts)
