@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 import zoo
+from train import allocator
 
 
 def _parse_set(text: str) -> dict:
@@ -150,6 +151,8 @@ def main(argv=None) -> int:
     except (KeyError, ValueError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
+    print(f"# {jax.devices()[0].device_kind} x{jax.device_count()}, allocator "
+          f"{allocator.name()}", flush=True)
     rows = []
     base_time = {}
     for T in lens:
@@ -167,7 +170,8 @@ def main(argv=None) -> int:
                 if a.baseline == n and T not in base_time:
                     base_time[T] = r["step_s"]
                 row = {"model": n, "variant": label, "seq_len": T, "batch": a.batch, **r,
-                       "vs_ref": r["step_s"] / ref_time, "device": jax.devices()[0].device_kind}
+                       "vs_ref": r["step_s"] / ref_time, "device": jax.devices()[0].device_kind,
+                       "allocator": allocator.name()}
                 rows.append(row)
                 print(f"{n:>14} {label:<28} T={T:<6} {r['tokens_per_s']:>10.0f} tok/s  "
                       f"step {r['step_s'] * 1e3:8.1f} ms  compile {r['compile_s']:.1f}s  "

@@ -30,6 +30,26 @@ flags.FLAGS.mark_as_parsed()
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+def pytest_configure(config):
+    """The fast allocator (train/allocator.py): before any test runs or any xdist worker starts,
+    the suite re-executes itself once with tcmalloc preloaded where it is installed; workers and
+    the subprocesses tests start inherit it. pytest's output capture is stopped first, else the
+    new process would write into the old one's capture files."""
+    from train import allocator
+
+    if allocator.wants_reexec():
+        capture = config.pluginmanager.getplugin("capturemanager")
+        if capture is not None:
+            capture.stop_global_capturing()
+        allocator.ensure()
+
+
+def pytest_report_header(config):
+    from train import allocator
+
+    return f"allocator: {allocator.name()}"
+
+
 def pytest_collection_modifyitems(items):
     """Under pytest-xdist's `--dist loadgroup`, keep one model's conformance tests on one worker so
     they share that model's cached builds and compiled steps (`test_conformance`'s lru_caches);

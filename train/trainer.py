@@ -29,9 +29,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import zoo
+from train import allocator, faults, init_from, optim
 from train import checkpoint as ckpt
 from train import config as config_lib
-from train import faults, init_from, optim
 from train import guard as guard_lib
 from train import mfu as mfu_lib
 from train import sharding as sh
@@ -257,7 +257,8 @@ class Trainer:
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_params))
         self.log(f"model {s.model_name}: {n_params:,} parameters; mesh {dict(s.mesh.shape)} on "
                  f"{jax.device_count()} {jax.devices()[0].platform} devices, "
-                 f"{jax.process_count()} process(es); run dir {self.run_dir}")
+                 f"{jax.process_count()} process(es); allocator {allocator.name()}; "
+                 f"run dir {self.run_dir}")
         it = self.train_iterator()
         rep = NamedSharding(s.mesh, P())
         params = init_params(s)
