@@ -125,11 +125,12 @@ def measure(name: str, cfg, batch: int, seq_len: int, steps: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="transformer")
+    ap.add_argument("--models", default="", help="comma-separated (default: transformer; with "
+                    "--suite every registered language model)")
     ap.add_argument("--seq_lens", default="256")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--set", default="", help="config overrides key=value,... (applied where the field exists)")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 5; suite 3)")
     ap.add_argument("--baseline", default=None, help="model whose reference is the vs_<baseline> unit")
     ap.add_argument("--only_fast", action="store_true", help="skip reference forms (long lengths)")
     ap.add_argument("--decode", action="store_true", help="also time one decode step at seq_len")
@@ -139,7 +140,20 @@ def main(argv=None) -> int:
                     "selective_scan, ssd)")
     ap.add_argument("--impls", default="", help="with --ops: implementations (default chunked "
                     "and pallas, pallas_interpret on a CPU)")
+    ap.add_argument("--suite", action="store_true", help="the benchmark suite: every registered "
+                    "LM (or --models) at one shared config: tokens/s, MFU, peak memory, compile "
+                    "time, step and decode against length (eval/bench_suite.py)")
+    ap.add_argument("--quick", action="store_true", help="with --suite: tiny shapes (CI)")
+    ap.add_argument("--peers", action="store_true", help="with --suite: the PyTorch peers in the "
+                    "same run (pip install -e '.[peers]')")
+    ap.add_argument("--lengths", default="", help="with --suite: training lengths of the fit")
+    ap.add_argument("--contexts", default="", help="with --suite: decode contexts")
+    ap.add_argument("--out_dir", default="docs/bench", help="with --suite: where suite.* go")
     a = ap.parse_args(argv)
+    if a.suite:
+        return _bench_suite(a, ap)
+    a.steps = a.steps or 5
+    a.models = a.models or "transformer"
     if a.ops:
         return _bench_ops(a)
     try:
@@ -203,6 +217,27 @@ def main(argv=None) -> int:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
     return 0
+
+
+def _bench_suite(a, ap) -> int:
+    from eval import bench_suite
+
+    def ints(text, flag):
+        try:
+            return [int(v) for v in text.split(",") if v]
+        except ValueError:
+            ap.error(f"{flag} expects comma-separated integers, got {text!r}")
+
+    names = [n for n in a.models.split(",") if n] or bench_suite.suite_models()
+    unknown = [n for n in names if n not in zoo.names()]
+    if unknown:
+        print(f"error: --models: unknown model {unknown[0]!r}", file=sys.stderr)
+        return 2
+    s = bench_suite.setting(a.quick, ints(a.lengths, "--lengths"), ints(a.contexts, "--contexts"),
+                            a.steps)
+    rows = bench_suite.run(names, s, a.out_dir, a.peers)
+    print(f"wrote {a.out_dir}/suite.jsonl, suite.md and suite_*.png")
+    return 1 if any("error" in r for r in rows) else 0
 
 
 def _bench_ops(a) -> int:

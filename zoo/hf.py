@@ -195,15 +195,20 @@ def write_checkpoint(path: str, config: dict, tensors: dict[str, np.ndarray],
     return ["config.json", *files, INDEX]
 
 
-def save(name: str, model: nnx.Module, cfg, path: str,
-         max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-    """Write registry entry `name`'s model (its typed config `cfg`) as a Hugging Face checkpoint
-    that transformers and `load` read; ValueError naming the family when it has no public
-    format (or this configuration has none)."""
+def export(name: str, model: nnx.Module, cfg) -> tuple[dict, dict]:
+    """Registry entry `name`'s model as (Hugging Face config.json dict, {tensor name: array});
+    ValueError naming the family when it has no public format (or this configuration has none)."""
     if name not in _EXPORTERS:
         raise ValueError(f"model {name!r} has no Hugging Face format (exportable: "
                          f"{', '.join(exporters())})")
-    config, tensors = _EXPORTERS[name](model, cfg)
+    return _EXPORTERS[name](model, cfg)
+
+
+def save(name: str, model: nnx.Module, cfg, path: str,
+         max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """Write registry entry `name`'s model (its typed config `cfg`) as a Hugging Face checkpoint
+    that transformers and `load` read (`export`'s errors)."""
+    config, tensors = export(name, model, cfg)
     return write_checkpoint(path, config,
                             {k: np.asarray(v, np.float32) for k, v in tensors.items()},
                             max_shard_bytes)
