@@ -253,7 +253,7 @@ def run(names: list[str], s: Setting, out_dir: str, peers: bool, log=print) -> l
             log(f"# peers: {peers_lib.versions()}")
     dev = jax.devices()[0]
     peak = mfu.total_peak_flops() if dev.platform == "cpu" else mfu.device_peak_flops(dev)
-    head = (f"{dev.device_kind} ({dev.platform}, {os.cpu_count()} CPU cores), allocator "
+    head = (f"{dev.device_kind} ({dev.platform}, {len(os.sched_getaffinity(0))} CPU cores), allocator "
             f"{allocator.name()}, matmul peak {_g(peak and peak / 1e9, '{:.0f}')} GFLOP/s; "
             f"{', '.join(f'{k} {v}' for k, v in s.model.items())}, batch {s.batch}, "
             f"T {s.seq_len}, float32")

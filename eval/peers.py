@@ -42,7 +42,10 @@ def hf_model(name: str, model, cfg):
     """The transformers model with the config seqzoo exports for `model` (random weights)."""
     import transformers
     config, _ = zoo.hf.export(name, model, cfg)
-    config = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")}
+    # config.json's spelling of a non-finite float ({"__float__": "Infinity"}) back to a float
+    config = {k: [zoo.hf.hf_float(x) if isinstance(x, dict) else x for x in v]
+              if isinstance(v, list) else v
+              for k, v in config.items() if k not in ("architectures", "torch_dtype")}
     hf_cfg = transformers.AutoConfig.for_model(**config)
     cls = getattr(transformers, PEERS[name])
     return cls(hf_cfg).float()
@@ -53,7 +56,7 @@ def train_step_time(name: str, model, cfg, batch: int, seq_len: int, steps: int,
     """Median seconds of one peer training step (forward, loss, backward, clip, AdamW) and its
     tokens/s, at seqzoo's batch shape and vocabulary."""
     import torch
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     torch.manual_seed(0)
     peer = hf_model(name, model, cfg)
     peer.train()

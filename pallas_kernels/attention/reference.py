@@ -45,11 +45,12 @@ def attention(q: Array, k: Array, v: Array, *, q_pos: Array, k_pos: Array, q_gro
         s = s + kb.reshape(B, Hkv, rep, 1, -1)
     vis = visibility(q_pos, k_pos, q_group, k_group, k_valid, k_always, causal=causal,
                      window=window)[:, None, None]
-    s = jnp.where(vis, s, NEG)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.where(vis, jnp.exp(s - m), 0.0)
-    den = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(den > 0, den, 1.0)
+    # jax.nn.softmax: the max it subtracts carries no gradient and its backward is the one-pass
+    # p * (g - sum(g * p)) (measured: the transformer's training step at T = 256 ~x faster than
+    # differentiating max, exp, sum and divide); a masked score is exactly 0 after the exp, and
+    # a query with no visible key outputs 0
+    p = jax.nn.softmax(jnp.where(vis, s, NEG), axis=-1)
+    p = jnp.where(jnp.any(vis, axis=-1, keepdims=True), p, 0.0)
     if dropout_rate > 0.0 and dropout_key is not None:
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, p.shape)
         p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
