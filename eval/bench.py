@@ -235,6 +235,8 @@ def _bench_suite(a, ap) -> int:
         return 2
     s = bench_suite.setting(a.quick, ints(a.lengths, "--lengths"), ints(a.contexts, "--contexts"),
                             a.steps)
+    if a.seq_lens != "256":          # --seq_lens=N: the suite's main length (and the peers')
+        s.seq_len = ints(a.seq_lens, "--seq_lens")[0]
     rows = bench_suite.run(names, s, a.out_dir, a.peers)
     print(f"wrote {a.out_dir}/suite.jsonl, suite.md and suite_*.png")
     return 1 if any("error" in r for r in rows) else 0

@@ -260,6 +260,8 @@ def run(names: list[str], s: Setting, out_dir: str, peers: bool, log=print) -> l
     log(f"# {head}")
     rows = []
     os.makedirs(out_dir, exist_ok=True)
+    jsonl = os.path.join(out_dir, "suite.jsonl")
+    open(jsonl, "w").close()
     for name in names:
         t0 = time.perf_counter()
         try:
@@ -268,6 +270,8 @@ def run(names: list[str], s: Setting, out_dir: str, peers: bool, log=print) -> l
             row = {"model": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
         row.update(device=dev.device_kind, allocator=allocator.name())
         rows.append(row)
+        with open(jsonl, "a") as f:       # each model's row at once: a stopped suite keeps it
+            f.write(json.dumps(row) + "\n")
         if "error" in row:
             log(f"{name:>22}  error {row['error']}")
         else:
@@ -275,9 +279,6 @@ def run(names: list[str], s: Setting, out_dir: str, peers: bool, log=print) -> l
                 f"  peak {_g(row.get('peak_mib'), '{:.0f}')} MiB  compile {row['compile_s']:.1f}s"
                 + (f"  x{row['vs_peer']:.2f} vs {row['peer']}" if "vs_peer" in row else "")
                 + f"  ({time.perf_counter() - t0:.0f}s)")
-    with open(os.path.join(out_dir, "suite.jsonl"), "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
     with open(os.path.join(out_dir, "suite.md"), "w") as f:
         f.write(markdown(rows, f"Measured on {head}."))
     plots(rows, out_dir)
