@@ -21,7 +21,8 @@ batch 4, T 256; each model's other fields at its config class's defaults, `impl=
                 that context needs; its exponent too
 With `--peers` the models that have a PyTorch peer (eval/peers.py: transformers' Llama, Mamba,
 Mamba2, built from seqzoo's export of the same configuration) are trained in the same run at the
-same shape, and the table reports seqzoo / peer tokens/s. `--quick` shrinks everything (width 32,
+same shape, in `PEER_ROUNDS` alternating rounds, and the table reports the median of the rounds'
+seqzoo / peer tokens/s ratios (`vs_peer_rounds` keeps each). `--quick` shrinks everything (width 32,
 1 layer, T 32, lengths 32,64) for CI. Output: `<out_dir>/suite.jsonl` (one JSON row per model),
 `suite.md` (tables) and `suite_*.png` (plots).
 """
@@ -44,6 +45,7 @@ from train import config as config_lib
 from train.step import make_train_step
 
 SHARED = dict(vocab_size=256, dim=256, n_layers=4)
+PEER_ROUNDS = 3
 QUICK = dict(vocab_size=64, dim=32, n_layers=1)
 
 
@@ -150,9 +152,19 @@ def bench_model(name: str, s: Setting, peak_flops: float | None, peers: bool) ->
     if peers:
         from eval import peers as peers_lib
         if name in peers_lib.PEERS:
+            # PEER_ROUNDS alternating (seqzoo, peer) measurements; the ratio is the median of
+            # the rounds' ratios (one pair of runs moved 1.4x between runs on a shared CPU)
             model = zoo.build(name, cfg, rngs=0)
-            row.update(peers_lib.train_step_time(name, model, cfg, s.batch, s.seq_len, s.steps))
-            row["vs_peer"] = row["tokens_per_s"] / row["peer_tokens_per_s"]
+            ours, theirs = [row["step_s"]], []
+            for r in range(PEER_ROUNDS):
+                if r:
+                    ours.append(train_step(name, cfg, s.batch, s.seq_len, s.steps)["step_s"])
+                theirs.append(peers_lib.train_step_time(name, model, cfg, s.batch, s.seq_len,
+                                                        s.steps)["peer_step_s"])
+            row.update(peer=peers_lib.PEERS[name], peer_step_s=float(np.median(theirs)),
+                       peer_tokens_per_s=s.batch * s.seq_len / float(np.median(theirs)),
+                       vs_peer_rounds=[p / o for o, p in zip(ours, theirs)])
+            row["vs_peer"] = float(np.median(row["vs_peer_rounds"]))
     return row
 
 
