@@ -88,16 +88,23 @@ def measure_decode(name: str, cfg, batch: int, seq_len: int, steps: int) -> floa
     return float(np.median(times))
 
 
+def exponent(times: dict) -> float | None:
+    """Slope of log(time) against log(length) over {length: seconds} (None below 2 points)."""
+    pts = sorted((int(k), v) for k, v in times.items() if v)
+    if len(pts) < 2:
+        return None
+    return float(np.polyfit(np.log([p[0] for p in pts]), np.log([p[1] for p in pts]), 1)[0])
+
+
 def fitted_exponents(rows: list[dict], keys=("step_s", "decode_s")) -> list[tuple]:
     """(model, variant, key, slope of log(time) vs log(seq_len)) for each row kind with 2+ lengths."""
     out = []
     for model, variant in dict.fromkeys((r["model"], r["variant"]) for r in rows):
         sel = [r for r in rows if r["model"] == model and r["variant"] == variant]
         for key in keys:
-            pts = [(r["seq_len"], r[key]) for r in sel if r.get(key)]
-            if len(pts) >= 2:
-                lx, ly = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
-                out.append((model, variant, key, float(np.polyfit(lx, ly, 1)[0])))
+            slope = exponent({r["seq_len"]: r.get(key) for r in sel})
+            if slope is not None:
+                out.append((model, variant, key, slope))
     return out
 
 
@@ -127,7 +134,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="", help="comma-separated (default: transformer; with "
                     "--suite every registered language model)")
-    ap.add_argument("--seq_lens", default="256")
+    ap.add_argument("--seq_lens", default="", help="comma-separated (default 256; with --suite "
+                    "its main length, default 256, --quick 32)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--set", default="", help="config overrides key=value,... (applied where the field exists)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 5; suite 3)")
@@ -154,6 +162,7 @@ def main(argv=None) -> int:
         return _bench_suite(a, ap)
     a.steps = a.steps or 5
     a.models = a.models or "transformer"
+    a.seq_lens = a.seq_lens or "256"
     if a.ops:
         return _bench_ops(a)
     try:
@@ -235,7 +244,7 @@ def _bench_suite(a, ap) -> int:
         return 2
     s = bench_suite.setting(a.quick, ints(a.lengths, "--lengths"), ints(a.contexts, "--contexts"),
                             a.steps)
-    if a.seq_lens != "256":          # --seq_lens=N: the suite's main length (and the peers')
+    if a.seq_lens:                   # the suite's main length (and the peers')
         s.seq_len = ints(a.seq_lens, "--seq_lens")[0]
     rows = bench_suite.run(names, s, a.out_dir, a.peers)
     print(f"wrote {a.out_dir}/suite.jsonl, suite.md and suite_*.png")

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 import zoo
-from eval.bench import measure_decode
+from eval.bench import exponent, measure_decode
 from train import allocator, mfu, optim
 from train import config as config_lib
 from train.step import make_train_step
@@ -72,8 +72,8 @@ def setting(quick: bool, lengths=None, contexts=None, steps=None) -> Setting:
 
 
 def suite_models() -> list[str]:
-    """Every registered causal language model (a classifier head has no LM step)."""
-    return [n for n in zoo.names() if zoo.get(n).causal and not n.endswith("_classifier")]
+    """Every registered causal language model (the non-causal classifier has no LM step)."""
+    return [n for n in zoo.names() if zoo.get(n).causal]
 
 
 def model_config(name: str, s: Setting):
@@ -139,12 +139,12 @@ def bench_model(name: str, s: Setting, peak_flops: float | None, peers: bool) ->
     if entry.flops is not None and peak_flops:
         row["flops_per_token"] = float(entry.flops(cfg, s.seq_len))
         row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / peak_flops
-    row["by_length"] = {str(T): train_step(name, _fit(name, cfg, T), 1, T, s.steps)["step_s"]
+    row["by_length"] = {str(T): train_step(name, _fit(cfg, T), 1, T, s.steps)["step_s"]
                         for T in s.lengths}
     if entry.conformance is None or entry.conformance.decode:
-        row["decode_s"] = {str(L): measure_decode(name, _fit(name, cfg, L + s.steps + 2), 1, L,
+        row["decode_s"] = {str(L): measure_decode(name, _fit(cfg, L + s.steps + 2), 1, L,
                                                   s.steps) for L in s.contexts}
-    row["state_bytes"] = {str(L): state_bytes(name, _fit(name, cfg, L + 1), L) for L in s.contexts}
+    row["state_bytes"] = {str(L): state_bytes(name, _fit(cfg, L + 1), L) for L in s.contexts}
     for key in ("by_length", "decode_s"):
         slope = exponent(row.get(key, {}))
         if slope is not None:
@@ -168,15 +168,7 @@ def bench_model(name: str, s: Setting, peak_flops: float | None, peers: bool) ->
     return row
 
 
-def exponent(times: dict) -> float | None:
-    """Slope of log(time) against log(length) over {length: seconds} (None below 2 points)."""
-    pts = sorted((int(k), v) for k, v in times.items() if v)
-    if len(pts) < 2:
-        return None
-    return float(np.polyfit(np.log([p[0] for p in pts]), np.log([p[1] for p in pts]), 1)[0])
-
-
-def _fit(name: str, cfg, length: int):
+def _fit(cfg, length: int):
     """`cfg` with room for `length` positions where the model has a length limit field."""
     if hasattr(cfg, "max_len") and cfg.max_len is not None and cfg.max_len < length:
         return dataclasses.replace(cfg, max_len=length)

@@ -5,7 +5,8 @@ Optional (`pip install -e '.[peers]'`: torch 2.13.0, transformers 5.24.0), never
 the zoo: `missing()` names what is not installed, and the bench prints that line instead of a
 ratio. A peer is built from seqzoo's own export of the model (`zoo.hf.export`: the Hugging Face
 config.json of exactly this configuration) with random weights, and trained with torch's AdamW
-(the trainer's rates, betas and clip) on the same batch shape: forward + backward + optimiser.
+(the trainer's default betas and weight decay, global-norm clip 1) on the same batch shape:
+forward + backward + clip + optimiser.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def train_step_time(name: str, model, cfg, batch: int, seq_len: int, steps: int,
     torch.manual_seed(0)
     peer = hf_model(name, model, cfg)
     peer.train()
-    opt = torch.optim.AdamW(peer.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(peer.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.1)
     x = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq_len)))
 
     def one():

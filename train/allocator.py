@@ -52,19 +52,24 @@ def name() -> str:
     return "system malloc"
 
 
+def _library_to_preload() -> str | None:
+    """The libtcmalloc `ensure()` would preload, or None when it keeps this process."""
+    if os.environ.get(ENV, "") == "system" or os.environ.get(_GUARD) or name() != "system malloc":
+        return None
+    return find_tcmalloc() if sys.platform.startswith("linux") else None
+
+
 def wants_reexec() -> bool:
     """Whether `ensure()` would re-execute this process (see the module docstring)."""
-    if os.environ.get(ENV, "") == "system" or os.environ.get(_GUARD) or name() != "system malloc":
-        return False
-    return sys.platform.startswith("linux") and find_tcmalloc() is not None
+    return _library_to_preload() is not None
 
 
 def ensure(argv: list[str] | None = None) -> None:
     """Re-execute this command with tcmalloc preloaded when it is installed and not loaded yet
     (see the module docstring); otherwise return."""
-    if not wants_reexec():
+    lib = _library_to_preload()
+    if lib is None:
         return
-    lib = find_tcmalloc()
     argv = list(argv if argv is not None else sys.orig_argv)
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(filter(None, (lib, env.get("LD_PRELOAD", ""))))
